@@ -1,0 +1,58 @@
+-- Events written by services in their own transactions and moved to NATS
+-- JetStream by the publisher. {{.Events}} and friends are quoted
+-- identifiers filled in by the schema package.
+CREATE TABLE IF NOT EXISTS {{.Events}} (
+    event_id     uuid        PRIMARY KEY,
+    seq          bigint      GENERATED ALWAYS AS IDENTITY,
+    event_target text        NOT NULL,
+    event_type   text        NOT NULL,
+    entity_type  text        NOT NULL,
+    entity_id    text        NOT NULL,
+    event_data   jsonb       NOT NULL,
+    headers      jsonb       NOT NULL DEFAULT '{}',
+    event_status text        NOT NULL DEFAULT 'READY'
+                 CHECK (event_status IN ('READY', 'SUCCESS', 'FAILED')),
+    attempts     integer     NOT NULL DEFAULT 0,
+    last_error   text,
+    available_at timestamptz NOT NULL DEFAULT now(),
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    published_at timestamptz
+);
+
+CREATE UNIQUE INDEX IF NOT EXISTS {{.SeqIndex}} ON {{.Events}} (seq);
+
+-- Polling touches only READY rows, however many SUCCESS rows the table keeps.
+CREATE INDEX IF NOT EXISTS {{.ReadyIndex}} ON {{.Events}} (seq)
+    WHERE event_status = 'READY';
+
+-- The claim's "no earlier FAILED or retrying event of this entity" check and
+-- the entity history read.
+CREATE INDEX IF NOT EXISTS {{.PendingIndex}} ON {{.Events}} (entity_type, entity_id, seq)
+    WHERE event_status <> 'SUCCESS';
+
+CREATE INDEX IF NOT EXISTS {{.EntityIndex}} ON {{.Events}} (entity_type, entity_id, seq);
+
+-- One notification per INSERT statement, no payload, delivered at commit:
+-- it only wakes the publisher, which then polls.
+CREATE OR REPLACE FUNCTION {{.NotifyFunc}}() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify({{.ChannelLiteral}}, '');
+    RETURN NULL;
+END;
+$$;
+
+DROP TRIGGER IF EXISTS {{.NotifyTrigger}} ON {{.Events}};
+CREATE TRIGGER {{.NotifyTrigger}}
+    AFTER INSERT ON {{.Events}}
+    FOR EACH STATEMENT EXECUTE FUNCTION {{.NotifyFunc}}();
+
+-- Messages a consumer has handled, written in the consumer's transaction.
+CREATE TABLE IF NOT EXISTS {{.Processed}} (
+    consumer_id  text        NOT NULL,
+    message_id   text        NOT NULL,
+    processed_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (consumer_id, message_id)
+);
+
+CREATE INDEX IF NOT EXISTS {{.ProcessedAtIndex}} ON {{.Processed}} (processed_at);

@@ -1,0 +1,290 @@
+// Package schema holds the outbox's SQL: the events table, its indexes and
+// NOTIFY trigger, the processed_message table used by pkg/dedup, and the
+// function that applies them.
+//
+// The SQL lives in numbered files (NNNN_name.up.sql / .down.sql) embedded in
+// the binary. Table names are configurable; each one is validated and quoted
+// before it is put into a statement, so no raw input reaches the SQL text.
+package schema
+
+import (
+	"bytes"
+	"cmp"
+	"context"
+	"database/sql"
+	"embed"
+	"errors"
+	"fmt"
+	"io/fs"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"text/template"
+
+	"github.com/lib/pq"
+)
+
+//go:embed *.sql
+var files embed.FS
+
+// Default table names.
+const (
+	DefaultEvents    = "events"
+	DefaultProcessed = "processed_message"
+)
+
+// ErrInvalidName is returned (wrapped) for a table name that is not a plain
+// or schema-qualified SQL identifier.
+var ErrInvalidName = errors.New("invalid table name")
+
+// maxIdent is PostgreSQL's identifier length limit (NAMEDATALEN-1).
+const maxIdent = 63
+
+// longestSuffix is the longest suffix appended to the events table's name to
+// name its indexes, trigger and function; the table name must leave room.
+const longestSuffix = len("_processed_at_idx")
+
+var identRE = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+
+// Tables names the tables the outbox uses. The zero value means the
+// defaults: "events", "processed_message" and "<events>_migrations".
+// A name may be schema-qualified ("billing.events").
+type Tables struct {
+	Events     string
+	Processed  string
+	Migrations string
+}
+
+// WithDefaults returns t with every empty name replaced by its default.
+func (t Tables) WithDefaults() Tables {
+	t.Events = cmp.Or(t.Events, DefaultEvents)
+	t.Processed = cmp.Or(t.Processed, DefaultProcessed)
+	t.Migrations = cmp.Or(t.Migrations, t.Events+"_migrations")
+	return t
+}
+
+// Validate reports the first name (after defaults) that is not a valid
+// identifier, wrapping ErrInvalidName.
+func (t Tables) Validate() error {
+	t = t.WithDefaults()
+	for _, n := range []string{t.Events, t.Processed, t.Migrations} {
+		if _, err := ParseName(n); err != nil {
+			return err
+		}
+	}
+	if ev, _ := ParseName(t.Events); len(ev.Table)+longestSuffix > maxIdent {
+		return fmt.Errorf("%w: %q: events table name must be at most %d characters", ErrInvalidName, t.Events, maxIdent-longestSuffix)
+	}
+	return nil
+}
+
+// Name is a validated table name, optionally qualified by a schema.
+type Name struct {
+	Schema string // empty when unqualified
+	Table  string
+}
+
+// ParseName validates s ("table" or "schema.table") and splits it.
+func ParseName(s string) (Name, error) {
+	n := Name{Table: s}
+	if i := strings.IndexByte(s, '.'); i >= 0 {
+		n = Name{Schema: s[:i], Table: s[i+1:]}
+	}
+	if !validIdent(n.Table) || (n.Schema != "" || strings.Contains(s, ".")) && !validIdent(n.Schema) {
+		return Name{}, fmt.Errorf("%w: %q: use letters, digits and underscores, starting with a letter or underscore, at most %d characters, optionally prefixed by a schema and a dot", ErrInvalidName, s, maxIdent)
+	}
+	return n, nil
+}
+
+func validIdent(s string) bool {
+	return len(s) <= maxIdent && identRE.MatchString(s)
+}
+
+// Quoted returns the name quoted for use in SQL.
+func (n Name) Quoted() string {
+	if n.Schema == "" {
+		return pq.QuoteIdentifier(n.Table)
+	}
+	return pq.QuoteIdentifier(n.Schema) + "." + pq.QuoteIdentifier(n.Table)
+}
+
+// String returns the name as written, unquoted.
+func (n Name) String() string {
+	if n.Schema == "" {
+		return n.Table
+	}
+	return n.Schema + "." + n.Table
+}
+
+// sibling returns a name in the same schema as n with a suffix added.
+func (n Name) sibling(suffix string) Name {
+	return Name{Schema: n.Schema, Table: n.Table + suffix}
+}
+
+// Channel returns the LISTEN/NOTIFY channel of the events table: the
+// publisher listens on it and the insert trigger notifies it.
+func Channel(events string) string {
+	n, err := ParseName(cmp.Or(events, DefaultEvents))
+	if err != nil {
+		return ""
+	}
+	if n.Schema == "" {
+		return n.Table + "_ready"
+	}
+	return n.Schema + "_" + n.Table + "_ready"
+}
+
+// Migration is one numbered step of the schema, rendered for a set of
+// table names.
+type Migration struct {
+	Version int
+	Name    string
+	Up      string
+	Down    string
+}
+
+// Migrations returns every migration in version order, rendered for t.
+func Migrations(t Tables) ([]Migration, error) {
+	if err := t.Validate(); err != nil {
+		return nil, err
+	}
+	vars := templateVars(t.WithDefaults())
+	paths, err := fs.Glob(files, "*.up.sql")
+	if err != nil {
+		return nil, err
+	}
+	sort.Strings(paths)
+	var out []Migration
+	for _, p := range paths {
+		base := strings.TrimSuffix(p, ".up.sql")
+		num, name, ok := strings.Cut(base, "_")
+		v, err := strconv.Atoi(num)
+		if !ok || err != nil {
+			return nil, fmt.Errorf("migration file %q: name must be NNNN_name.up.sql", p)
+		}
+		up, err := render(p, vars)
+		if err != nil {
+			return nil, err
+		}
+		down, err := render(base+".down.sql", vars)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, Migration{Version: v, Name: name, Up: up, Down: down})
+	}
+	return out, nil
+}
+
+func templateVars(t Tables) map[string]string {
+	ev, _ := ParseName(t.Events)
+	pr, _ := ParseName(t.Processed)
+	return map[string]string{
+		"Events":           ev.Quoted(),
+		"Processed":        pr.Quoted(),
+		"SeqIndex":         pq.QuoteIdentifier(ev.Table + "_seq_idx"),
+		"ReadyIndex":       pq.QuoteIdentifier(ev.Table + "_ready_idx"),
+		"PendingIndex":     pq.QuoteIdentifier(ev.Table + "_pending_idx"),
+		"EntityIndex":      pq.QuoteIdentifier(ev.Table + "_entity_idx"),
+		"NotifyTrigger":    pq.QuoteIdentifier(ev.Table + "_notify"),
+		"NotifyFunc":       ev.sibling("_notify").Quoted(),
+		"ChannelLiteral":   pq.QuoteLiteral(Channel(t.Events)),
+		"ProcessedAtIndex": pq.QuoteIdentifier(pr.Table + "_processed_at_idx"),
+	}
+}
+
+func render(path string, vars map[string]string) (string, error) {
+	raw, err := files.ReadFile(path)
+	if err != nil {
+		return "", err
+	}
+	tmpl, err := template.New(path).Option("missingkey=error").Parse(string(raw))
+	if err != nil {
+		return "", fmt.Errorf("parse %s: %w", path, err)
+	}
+	var b bytes.Buffer
+	if err := tmpl.Execute(&b, vars); err != nil {
+		return "", fmt.Errorf("render %s: %w", path, err)
+	}
+	return b.String(), nil
+}
+
+// migrateLockKey serialises concurrent Migrate calls on one database.
+const migrateLockKey = 0x6f7574626f78 // "outbox"
+
+// Migrate applies, in one transaction, every migration not yet recorded in
+// the migrations table, and returns the versions it applied (none when the
+// schema is current). Concurrent callers are serialised by an advisory lock,
+// so running it from several processes at once is safe.
+func Migrate(ctx context.Context, db *sql.DB, t Tables) ([]int, error) {
+	migrations, err := Migrations(t)
+	if err != nil {
+		return nil, err
+	}
+	versions, _ := ParseName(t.WithDefaults().Migrations)
+
+	tx, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		return nil, fmt.Errorf("begin migration: %w", err)
+	}
+	defer tx.Rollback() //nolint:errcheck // no-op after commit
+
+	if _, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock($1)`, migrateLockKey); err != nil {
+		return nil, fmt.Errorf("lock migrations: %w", err)
+	}
+	if _, err := tx.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS `+versions.Quoted()+` (
+		version    integer     PRIMARY KEY,
+		name       text        NOT NULL,
+		applied_at timestamptz NOT NULL DEFAULT now())`); err != nil {
+		return nil, fmt.Errorf("create migrations table: %w", err)
+	}
+	applied := map[int]bool{}
+	rows, err := tx.QueryContext(ctx, `SELECT version FROM `+versions.Quoted())
+	if err != nil {
+		return nil, fmt.Errorf("read applied migrations: %w", err)
+	}
+	for rows.Next() {
+		var v int
+		if err := rows.Scan(&v); err != nil {
+			rows.Close()
+			return nil, err
+		}
+		applied[v] = true
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+
+	var done []int
+	for _, m := range migrations {
+		if applied[m.Version] {
+			continue
+		}
+		if _, err := tx.ExecContext(ctx, m.Up); err != nil {
+			return nil, fmt.Errorf("apply migration %04d_%s: %w", m.Version, m.Name, err)
+		}
+		if _, err := tx.ExecContext(ctx, `INSERT INTO `+versions.Quoted()+` (version, name) VALUES ($1, $2)`, m.Version, m.Name); err != nil {
+			return nil, fmt.Errorf("record migration %04d: %w", m.Version, err)
+		}
+		done = append(done, m.Version)
+	}
+	if err := tx.Commit(); err != nil {
+		return nil, fmt.Errorf("commit migrations: %w", err)
+	}
+	return done, nil
+}
+
+// Script returns every up migration as one SQL script, for users who apply
+// migrations with their own tool. It does not create the migrations table.
+func Script(t Tables) (string, error) {
+	migrations, err := Migrations(t)
+	if err != nil {
+		return "", err
+	}
+	var b strings.Builder
+	for _, m := range migrations {
+		fmt.Fprintf(&b, "-- %04d_%s\n%s\n", m.Version, m.Name, m.Up)
+	}
+	return b.String(), nil
+}
