@@ -25,11 +25,13 @@ CREATE UNIQUE INDEX IF NOT EXISTS {{.SeqIndex}} ON {{.Events}} (seq);
 CREATE INDEX IF NOT EXISTS {{.ReadyIndex}} ON {{.Events}} (seq)
     WHERE event_status = 'READY';
 
--- The claim's "no earlier FAILED or retrying event of this entity" check and
--- the entity history read.
-CREATE INDEX IF NOT EXISTS {{.PendingIndex}} ON {{.Events}} (entity_type, entity_id, seq)
-    WHERE event_status <> 'SUCCESS';
+-- The claim's "no earlier FAILED or retrying event of this entity" check.
+-- Only events that block their entity are in it, so the check stays cheap
+-- however long an entity's READY backlog is.
+CREATE INDEX IF NOT EXISTS {{.BlockedIndex}} ON {{.Events}} (entity_type, entity_id, seq)
+    WHERE event_status = 'FAILED' OR (event_status = 'READY' AND attempts > 0);
 
+-- An entity's history, in seq order.
 CREATE INDEX IF NOT EXISTS {{.EntityIndex}} ON {{.Events}} (entity_type, entity_id, seq);
 
 -- One notification per INSERT statement, no payload, delivered at commit:

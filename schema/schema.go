@@ -76,6 +76,10 @@ func (t Tables) Validate() error {
 	if ev, _ := ParseName(t.Events); len(ev.Table)+longestSuffix > maxIdent {
 		return fmt.Errorf("%w: %q: events table name must be at most %d characters", ErrInvalidName, t.Events, maxIdent-longestSuffix)
 	}
+	// pg_notify refuses a longer channel, which would fail every INSERT.
+	if ch := Channel(t.Events); len(ch) > maxIdent {
+		return fmt.Errorf("%w: %q: its NOTIFY channel %q is over %d characters; use a shorter schema or table name", ErrInvalidName, t.Events, ch, maxIdent)
+	}
 	return nil
 }
 
@@ -184,7 +188,7 @@ func templateVars(t Tables) map[string]string {
 		"Processed":        pr.Quoted(),
 		"SeqIndex":         pq.QuoteIdentifier(ev.Table + "_seq_idx"),
 		"ReadyIndex":       pq.QuoteIdentifier(ev.Table + "_ready_idx"),
-		"PendingIndex":     pq.QuoteIdentifier(ev.Table + "_pending_idx"),
+		"BlockedIndex":     pq.QuoteIdentifier(ev.Table + "_blocked_idx"),
 		"EntityIndex":      pq.QuoteIdentifier(ev.Table + "_entity_idx"),
 		"NotifyTrigger":    pq.QuoteIdentifier(ev.Table + "_notify"),
 		"NotifyFunc":       ev.sibling("_notify").Quoted(),

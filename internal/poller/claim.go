@@ -1,0 +1,162 @@
+package poller
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"fmt"
+	"time"
+
+	"github.com/lib/pq"
+)
+
+// row is one claimed event.
+type row struct {
+	id         string
+	seq        int64
+	subject    string
+	eventType  string
+	entityType string
+	entityID   string
+	data       []byte
+	headers    []byte
+	attempts   int
+	createdAt  time.Time
+}
+
+func (r *row) entity() string { return r.entityType + "\x00" + r.entityID }
+
+// queries holds the SQL of one events table, built once from its quoted name.
+type queries struct {
+	begin     string
+	claim     string
+	markDone  string
+	markRetry string
+}
+
+// newQueries builds the claim and mark statements.
+//
+// Claim, in one transaction that stays open until the mark:
+//
+//  1. take the barrier key shared (see leader.go) and bound how long the
+//     transaction may sit idle, so a frozen leader's row locks expire;
+//  2. select READY rows that are due, in seq order, skipping rows locked by
+//     anyone else and rows whose entity has an earlier event that is FAILED
+//     or waiting for a retry (attempts > 0, available_at in the future);
+//     the fence makes the select empty when this process lost leadership.
+//
+// Mark, in the same transaction: acked rows become SUCCESS in one statement;
+// each refused row gets attempts+1, last_error and a retry time in SQL time,
+// or FAILED. Both carry the fence; a mark that matches fewer rows than it
+// names means leadership was lost, and the transaction is rolled back.
+func newQueries(table string) queries {
+	return queries{
+		begin: `SELECT pg_advisory_xact_lock_shared($1, $2::bigint::oid::int),
+			set_config('idle_in_transaction_session_timeout', $3, true)`,
+		claim: `SELECT e.event_id, e.seq, e.event_target, e.event_type, e.entity_type, e.entity_id,
+				e.event_data, e.headers, e.attempts, e.created_at
+			FROM ` + table + ` e
+			WHERE e.event_status = 'READY' AND e.available_at <= now()
+			  AND NOT EXISTS (
+				SELECT 1 FROM ` + table + ` b
+				WHERE b.entity_type = e.entity_type AND b.entity_id = e.entity_id AND b.seq < e.seq
+				  AND (b.event_status = 'FAILED'
+				       OR (b.event_status = 'READY' AND b.attempts > 0 AND b.available_at > now())))
+			  AND ` + fenceSQL(2, 3, 4) + `
+			ORDER BY e.seq
+			LIMIT $1
+			FOR UPDATE OF e SKIP LOCKED`,
+		markDone: `UPDATE ` + table + `
+			SET event_status = 'SUCCESS', published_at = now()
+			WHERE event_id = ANY($1::uuid[]) AND event_status = 'READY' AND ` + fenceSQL(2, 3, 4),
+		markRetry: `UPDATE ` + table + `
+			SET attempts = attempts + 1,
+			    last_error = $5,
+			    event_status = CASE WHEN $6 OR attempts + 1 >= $7 THEN 'FAILED' ELSE 'READY' END,
+			    available_at = now() + least($8::float8 * power(2, attempts), $9::float8) * interval '1 millisecond'
+			WHERE event_id = $1::uuid AND event_status = 'READY' AND ` + fenceSQL(2, 3, 4),
+	}
+}
+
+// claim opens the claim transaction and reads up to limit rows. The caller
+// must end tx.
+func (p *Poller) claim(ctx context.Context, limit int) (*sql.Tx, []row, error) {
+	tx, err := p.db.BeginTx(ctx, nil)
+	if err != nil {
+		return nil, nil, fmt.Errorf("begin claim: %w", err)
+	}
+	idle := fmt.Sprintf("%dms", p.idleInTx().Milliseconds())
+	if _, err := tx.ExecContext(ctx, p.q.begin, barrierNamespace, p.tableOID, idle); err != nil {
+		tx.Rollback() //nolint:errcheck
+		return nil, nil, fmt.Errorf("begin claim: %w", err)
+	}
+	rows, err := tx.QueryContext(ctx, p.q.claim, limit, leaderNamespace, p.tableOID, p.lead.pid)
+	if err != nil {
+		tx.Rollback() //nolint:errcheck
+		return nil, nil, fmt.Errorf("claim batch: %w", err)
+	}
+	defer rows.Close()
+	var out []row
+	for rows.Next() {
+		var r row
+		if err := rows.Scan(&r.id, &r.seq, &r.subject, &r.eventType, &r.entityType, &r.entityID,
+			&r.data, &r.headers, &r.attempts, &r.createdAt); err != nil {
+			tx.Rollback() //nolint:errcheck
+			return nil, nil, fmt.Errorf("claim batch: %w", err)
+		}
+		out = append(out, r)
+	}
+	if err := rows.Err(); err != nil {
+		tx.Rollback() //nolint:errcheck
+		return nil, nil, fmt.Errorf("claim batch: %w", err)
+	}
+	return tx, out, nil
+}
+
+// refusal is a row JetStream (or the pre-flight check) refused.
+type refusal struct {
+	id        string
+	reason    string
+	permanent bool
+}
+
+// mark records the outcome of a batch in the claim transaction and commits.
+func (p *Poller) mark(ctx context.Context, tx *sql.Tx, acked []string, refused []refusal) error {
+	defer tx.Rollback() //nolint:errcheck // no-op after commit
+	if len(acked) > 0 {
+		res, err := tx.ExecContext(ctx, p.q.markDone, pq.Array(acked), leaderNamespace, p.tableOID, p.lead.pid)
+		if err != nil {
+			return fmt.Errorf("mark published: %w", err)
+		}
+		if n, _ := res.RowsAffected(); n != int64(len(acked)) {
+			return fmt.Errorf("mark published: %d of %d rows: %w", n, len(acked), errLostLeadership)
+		}
+	}
+	for _, r := range refused {
+		res, err := tx.ExecContext(ctx, p.q.markRetry, r.id, leaderNamespace, p.tableOID, p.lead.pid,
+			r.reason, r.permanent, p.cfg.MaxAttempts,
+			float64(p.cfg.RetryBase.Milliseconds()), float64(p.cfg.RetryMax.Milliseconds()))
+		if err != nil {
+			return fmt.Errorf("mark refused: %w", err)
+		}
+		if n, _ := res.RowsAffected(); n != 1 {
+			return fmt.Errorf("mark refused: %w", errLostLeadership)
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("commit batch: %w", err)
+	}
+	return nil
+}
+
+// userHeaders decodes a row's stored headers.
+func (r *row) userHeaders() (map[string]string, error) {
+	var h map[string]string
+	if len(r.headers) == 0 {
+		return nil, nil
+	}
+	if err := json.Unmarshal(r.headers, &h); err != nil {
+		return nil, fmt.Errorf("headers: %w", err)
+	}
+	return h, nil
+}

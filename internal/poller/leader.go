@@ -1,0 +1,189 @@
+package poller
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"time"
+)
+
+// Leadership: one active publisher per events table.
+//
+// Keys. Two advisory locks are keyed by (namespace, oid of the events
+// table), so tables of the same name in different schemas never share one:
+//
+//	leaderKey  (session lock)  held by the active publisher on a dedicated
+//	                           connection for as long as it leads.
+//	barrierKey (xact lock)     every claim transaction takes it shared; a
+//	                           new leader takes it exclusive once, which
+//	                           waits until every claim transaction of the
+//	                           previous leader has ended.
+//
+// States:
+//
+//	standby --pg_try_advisory_lock(leaderKey) = true--> barrier
+//	barrier --pg_advisory_lock(barrierKey); unlock-->   leading
+//	leading --heartbeat or fence fails-->               standby (connection closed)
+//	leading --Run returns-->                            released (connection closed)
+//
+// Why the barrier: a leader that is frozen (SIGSTOP, a long GC pause, a
+// network partition) loses its lock connection after idle_session_timeout,
+// while its claim transaction, still holding row locks, lives until
+// idle_in_transaction_session_timeout. Without the barrier a new leader
+// would SKIP LOCKED past an entity's first event and publish its second.
+//
+// Fencing: the claim and the mark each carry a condition that the session
+// lock is held by this leader's backend pid (pg_locks), so a leader that
+// lost its lock claims nothing and marks nothing; its rows stay READY.
+//
+// A dead leader loses the lock when its connection ends: at once on a
+// process crash (the kernel closes the socket), within LeaderTimeout when it
+// hangs (idle_session_timeout on the lock connection, whose heartbeat stops)
+// and within about the same time on a silent network failure (server-side
+// TCP keepalives).
+const (
+	leaderNamespace  = 0x6f627831 // "obx1"
+	barrierNamespace = 0x6f627832 // "obx2"
+)
+
+// leader owns the dedicated lock connection and its heartbeat goroutine.
+type leader struct {
+	dsn       string
+	tableOID  int64
+	heartbeat time.Duration
+	timeout   time.Duration
+
+	db   *sql.DB   // a pool of one, opened per term
+	conn *sql.Conn // the session holding the lock
+	pid  int     // backend pid holding the session lock
+	stop context.CancelFunc
+	wg   sync.WaitGroup
+	lost chan struct{} // closed by the heartbeat when the lock connection fails
+}
+
+// tryAcquire tries once to become leader. It returns false with a nil error
+// when another publisher leads.
+func (l *leader) tryAcquire(ctx context.Context) (bool, error) {
+	db, err := sql.Open("postgres", l.dsn)
+	if err != nil {
+		return false, err
+	}
+	db.SetMaxOpenConns(1)
+	db.SetMaxIdleConns(1)
+	db.SetConnMaxLifetime(0)
+	conn, err := db.Conn(ctx)
+	if err != nil {
+		db.Close()
+		return false, fmt.Errorf("connect for leader lock: %w", err)
+	}
+	ok, pid, err := l.lock(ctx, conn)
+	if err == nil && ok {
+		err = l.barrier(ctx, conn)
+	}
+	if err != nil || !ok {
+		conn.Close()
+		db.Close()
+		return false, err
+	}
+	hbCtx, stop := context.WithCancel(context.Background())
+	l.db, l.conn, l.pid, l.stop, l.lost = db, conn, pid, stop, make(chan struct{})
+	l.wg.Add(1)
+	go l.beat(hbCtx, conn, l.lost)
+	return true, nil
+}
+
+func (l *leader) lock(ctx context.Context, db *sql.Conn) (bool, int, error) {
+	secs := strconv.Itoa(max(1, int(l.timeout/time.Second)))
+	// Settings first, so a leader that hangs right after winning still
+	// loses the lock in time.
+	if _, err := db.ExecContext(ctx, `SELECT set_config('idle_session_timeout', $1, false),
+			set_config('tcp_keepalives_idle', $2, false),
+			set_config('tcp_keepalives_interval', '1', false),
+			set_config('tcp_keepalives_count', '3', false),
+			set_config('application_name', 'pgnats-outbox leader', false)`,
+		strconv.Itoa(int(l.timeout/time.Millisecond)), secs); err != nil {
+		return false, 0, fmt.Errorf("configure leader connection: %w", err)
+	}
+	var (
+		ok  bool
+		pid int
+	)
+	err := db.QueryRowContext(ctx, `SELECT pg_try_advisory_lock($1, $2::bigint::oid::int), pg_backend_pid()`,
+		leaderNamespace, l.tableOID).Scan(&ok, &pid)
+	if err != nil {
+		return false, 0, fmt.Errorf("try leader lock: %w", err)
+	}
+	return ok, pid, nil
+}
+
+// barrier waits until no claim transaction of an earlier leader is open.
+func (l *leader) barrier(ctx context.Context, db *sql.Conn) error {
+	if _, err := db.ExecContext(ctx, `SELECT pg_advisory_lock($1, $2::bigint::oid::int)`, barrierNamespace, l.tableOID); err != nil {
+		return fmt.Errorf("wait for previous leader's transactions: %w", err)
+	}
+	if _, err := db.ExecContext(ctx, `SELECT pg_advisory_unlock($1, $2::bigint::oid::int)`, barrierNamespace, l.tableOID); err != nil {
+		return fmt.Errorf("release barrier: %w", err)
+	}
+	return nil
+}
+
+// beat keeps the lock connection busy, so idle_session_timeout only fires
+// when this process stops running, and reports a failed connection.
+func (l *leader) beat(ctx context.Context, db *sql.Conn, lost chan struct{}) {
+	defer l.wg.Done()
+	t := time.NewTicker(l.heartbeat)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		hctx, cancel := context.WithTimeout(ctx, l.timeout)
+		var pid int
+		err := db.QueryRowContext(hctx, `SELECT pg_backend_pid()`).Scan(&pid)
+		cancel()
+		if ctx.Err() != nil {
+			return
+		}
+		if err != nil || pid != l.pid {
+			// The session, and with it the lock, is gone (or about to be).
+			close(lost)
+			return
+		}
+	}
+}
+
+// lostCh is closed when the heartbeat sees the lock connection fail; nil
+// (blocks forever) when not leading.
+func (l *leader) lostCh() <-chan struct{} { return l.lost }
+
+// release gives up leadership by closing the lock connection.
+func (l *leader) release() {
+	if l.db == nil {
+		return
+	}
+	l.stop()
+	l.wg.Wait()
+	l.conn.Close()
+	l.db.Close()
+	l.db, l.conn, l.pid, l.lost = nil, nil, 0, nil
+}
+
+// leading reports whether this process currently believes it leads.
+func (l *leader) leading() bool { return l.db != nil }
+
+// errLostLeadership means a fence check failed: another publisher may lead.
+var errLostLeadership = errors.New("lost leadership")
+
+// fenceSQL is true while the leader lock is held by backend $pid. It is
+// added to the claim and the mark; the parameters are numbered by the caller.
+func fenceSQL(nsParam, oidParam, pidParam int) string {
+	return fmt.Sprintf(`EXISTS (SELECT 1 FROM pg_locks l
+		WHERE l.locktype = 'advisory' AND l.classid = $%d::bigint::oid
+		  AND l.objid = $%d::bigint::oid AND l.objsubid = 2
+		  AND l.pid = $%d AND l.granted)`, nsParam, oidParam, pidParam)
+}

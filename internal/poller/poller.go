@@ -1,0 +1,351 @@
+// Package poller is the publish loop: it moves READY events from the outbox
+// table to NATS JetStream and marks them SUCCESS once JetStream has
+// acknowledged them.
+//
+// The loop, for the process that holds leadership (leader.go):
+//
+//	wait   until woken: NOTIFY on the table's channel, the fallback poll
+//	       interval, or at once after a full batch
+//	claim  up to BatchSize due READY rows in seq order (claim.go)
+//	check  each row's subject maps to a stream that can take its size;
+//	       a row that cannot be published is refused without being sent,
+//	       and later rows of its entity in the batch are left for later
+//	send   the rest asynchronously, Nats-Msg-Id = event id
+//	wait   for every PubAck, up to AckTimeout
+//	mark   acked rows SUCCESS, refused rows retry or FAILED; commit
+//
+// Errors are sorted by whose fault they are. An unreachable or slow broker
+// or database, "no responders" for a subject a stream does cover, a full
+// stream or a missing PubAck: the rows stay READY with attempts unchanged
+// and the whole loop backs off (capped exponential, jittered). A refusal of
+// one event (no stream for its subject, too large): attempts+1 and a retry
+// time in SQL time, or FAILED with last_error once retrying cannot help or
+// MaxAttempts is reached. The entity of a refused event is blocked until it
+// is published or requeued; other entities go on.
+//
+// On cancellation Run stops claiming, finishes the batch in flight (acks and
+// mark) and returns nil.
+package poller
+
+import (
+	"cmp"
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/lib/pq"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/pgnats/outbox/schema"
+)
+
+// Config configures a Poller. DB, DSN and NATS are required; every other
+// zero field means its default.
+type Config struct {
+	// DB is the pool used for claims and marks.
+	DB *sql.DB
+	// DSN opens the session-level connections: LISTEN and the leader
+	// lock. It must reach PostgreSQL directly, not through a pooler in
+	// transaction mode.
+	DSN string
+	// NATS is the connection to publish on.
+	NATS *nats.Conn
+	// Table is the events table. Default "events".
+	Table string
+	// BatchSize is the most rows claimed at once. Default 500.
+	BatchSize int
+	// PollInterval is the fallback poll when no NOTIFY arrives.
+	// Default 1s.
+	PollInterval time.Duration
+	// NoListen turns LISTEN/NOTIFY off: poll only.
+	NoListen bool
+	// AckTimeout is how long a batch waits for its PubAcks. Default 5s.
+	AckTimeout time.Duration
+	// MaxAttempts is how many refusals an event gets before FAILED.
+	// Default 10.
+	MaxAttempts int
+	// RetryBase and RetryMax bound the delay before a refused event is
+	// tried again: RetryBase * 2^attempts, at most RetryMax.
+	// Defaults 1s and 5m.
+	RetryBase, RetryMax time.Duration
+	// BackoffMin and BackoffMax bound the whole loop's back-off during an
+	// outage. Defaults 100ms and 30s.
+	BackoffMin, BackoffMax time.Duration
+	// LeaderTimeout is how soon a hung leader loses its lock
+	// (idle_session_timeout of its lock connection). Default 5s.
+	LeaderTimeout time.Duration
+	// Logger receives the loop's logs. Default: discard.
+	Logger *slog.Logger
+}
+
+func (c Config) withDefaults() Config {
+	c.Table = cmp.Or(c.Table, schema.DefaultEvents)
+	c.BatchSize = cmp.Or(c.BatchSize, 500)
+	c.PollInterval = cmp.Or(c.PollInterval, time.Second)
+	c.AckTimeout = cmp.Or(c.AckTimeout, 5*time.Second)
+	c.MaxAttempts = cmp.Or(c.MaxAttempts, 10)
+	c.RetryBase = cmp.Or(c.RetryBase, time.Second)
+	c.RetryMax = cmp.Or(c.RetryMax, 5*time.Minute)
+	c.BackoffMin = cmp.Or(c.BackoffMin, 100*time.Millisecond)
+	c.BackoffMax = cmp.Or(c.BackoffMax, 30*time.Second)
+	c.LeaderTimeout = cmp.Or(c.LeaderTimeout, 5*time.Second)
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	return c
+}
+
+func (c Config) validate() error {
+	switch {
+	case c.DB == nil:
+		return errors.New("poller: DB is required")
+	case c.DSN == "":
+		return errors.New("poller: DSN is required")
+	case c.NATS == nil:
+		return errors.New("poller: NATS is required")
+	case c.BatchSize < 0, c.PollInterval < 0, c.AckTimeout < 0, c.MaxAttempts < 0,
+		c.RetryBase < 0, c.RetryMax < 0, c.BackoffMin < 0, c.BackoffMax < 0, c.LeaderTimeout < 0:
+		return errors.New("poller: sizes and durations must not be negative")
+	}
+	if _, err := schema.ParseName(cmp.Or(c.Table, schema.DefaultEvents)); err != nil {
+		return fmt.Errorf("poller: %w", err)
+	}
+	return nil
+}
+
+// Stats are the loop's running totals since New.
+type Stats struct {
+	Published int64 // events acked by JetStream and marked SUCCESS
+	Refused   int64 // refusals recorded (retry scheduled or FAILED)
+	Failed    int64 // events moved to FAILED
+	Batches   int64 // batches committed
+	Backoffs  int64 // times the loop backed off for an outage
+	Leader    bool  // whether this process leads now
+}
+
+// Poller is the publish loop of one events table. Run it once.
+type Poller struct {
+	cfg      Config
+	db       *sql.DB
+	js       jetstream.JetStream
+	table    schema.Name
+	tableOID int64
+	q        queries
+	lead     leader
+	streams  *streamCache
+	log      *slog.Logger
+	standby  bool // standby already logged
+
+	published, refused, failed, batches, backoffs atomic.Int64
+	leading                                       atomic.Bool
+}
+
+// New checks cfg and returns a Poller. It does not connect; Run does.
+func New(cfg Config) (*Poller, error) {
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	cfg = cfg.withDefaults()
+	table, _ := schema.ParseName(cfg.Table)
+	js, err := jetstream.New(cfg.NATS,
+		jetstream.WithPublishAsyncTimeout(cfg.AckTimeout),
+		jetstream.WithPublishAsyncMaxPending(max(cfg.BatchSize*2, 256)))
+	if err != nil {
+		return nil, fmt.Errorf("poller: jetstream: %w", err)
+	}
+	return &Poller{
+		cfg:     cfg,
+		db:      cfg.DB,
+		js:      js,
+		table:   table,
+		q:       newQueries(table.Quoted()),
+		lead:    leader{dsn: cfg.DSN, heartbeat: cfg.LeaderTimeout / 5, timeout: cfg.LeaderTimeout},
+		streams: newStreamCache(js),
+		log:     cfg.Logger,
+	}, nil
+}
+
+// Stats returns the running totals. Safe to call from any goroutine.
+func (p *Poller) Stats() Stats {
+	return Stats{
+		Published: p.published.Load(), Refused: p.refused.Load(), Failed: p.failed.Load(),
+		Batches: p.batches.Load(), Backoffs: p.backoffs.Load(), Leader: p.leading.Load(),
+	}
+}
+
+// idleInTx bounds how long a claim transaction may sit idle: longer than a
+// batch can legitimately wait for acks, short enough that a frozen
+// leader's row locks do not hold its successor for long.
+func (p *Poller) idleInTx() time.Duration { return 2*p.cfg.AckTimeout + 5*time.Second }
+
+// Run publishes until ctx is cancelled, then finishes the batch in flight
+// and returns nil. It returns an error only for a setup failure that
+// retrying cannot fix (such as a missing events table).
+func (p *Poller) Run(ctx context.Context) error {
+	if err := p.resolveTable(ctx); err != nil {
+		return err
+	}
+	wake := make(chan struct{}, 1)
+	var wg sync.WaitGroup
+	if !p.cfg.NoListen {
+		l := pq.NewListener(p.cfg.DSN, 100*time.Millisecond, p.cfg.BackoffMax, p.listenerEvent)
+		if err := l.Listen(schema.Channel(p.cfg.Table)); err != nil {
+			p.log.Warn("listen failed; polling only until it reconnects", "err", err)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			forward(ctx, l.Notify, wake)
+		}()
+		defer func() {
+			l.Close()
+			wg.Wait()
+		}()
+	}
+	defer p.stepDown()
+
+	bo := backoff{min: p.cfg.BackoffMin, max: p.cfg.BackoffMax}
+	for ctx.Err() == nil {
+		if !p.lead.leading() {
+			if !p.elect(ctx, &bo) {
+				continue
+			}
+		}
+		n, err := p.cycle(ctx)
+		switch {
+		case errors.Is(err, errLostLeadership):
+			p.log.Warn("leadership lost; standing by", "err", err)
+			p.stepDown()
+			continue
+		case err != nil:
+			p.backoffs.Add(1)
+			d := bo.next()
+			p.log.Warn("publish loop backing off", "err", err, "backoff", d)
+			p.sleep(ctx, d, nil)
+			continue
+		}
+		bo.reset()
+		if n < p.cfg.BatchSize {
+			p.sleep(ctx, p.cfg.PollInterval, wake)
+		}
+	}
+	p.log.Info("publisher stopped", "published", p.published.Load())
+	return nil
+}
+
+// resolveTable finds the events table's oid, the key of its locks.
+func (p *Poller) resolveTable(ctx context.Context) error {
+	bo := backoff{min: p.cfg.BackoffMin, max: p.cfg.BackoffMax}
+	for {
+		var oid sql.NullInt64
+		err := p.db.QueryRowContext(ctx, `SELECT to_regclass($1)::oid::bigint`, p.table.Quoted()).Scan(&oid)
+		switch {
+		case err == nil && oid.Valid:
+			p.tableOID, p.lead.tableOID = oid.Int64, oid.Int64
+			return nil
+		case err == nil:
+			return fmt.Errorf("events table %s does not exist: run 'publisher migrate' first", p.table)
+		case ctx.Err() != nil:
+			return nil
+		}
+		d := bo.next()
+		p.log.Warn("database unreachable; retrying", "err", err, "backoff", d)
+		p.sleep(ctx, d, nil)
+	}
+}
+
+// elect tries to become leader, waiting a poll interval (or backing off on
+// errors) when it does not. It reports whether this process now leads.
+func (p *Poller) elect(ctx context.Context, bo *backoff) bool {
+	ok, err := p.lead.tryAcquire(ctx)
+	switch {
+	case err != nil:
+		if ctx.Err() == nil {
+			d := bo.next()
+			p.log.Warn("leader election failed; retrying", "err", err, "backoff", d)
+			p.sleep(ctx, d, nil)
+		}
+		return false
+	case !ok:
+		if !p.standby {
+			p.log.Info("standing by: another publisher leads", "table", p.table.String())
+			p.standby = true
+		}
+		p.sleep(ctx, min(p.cfg.PollInterval, p.cfg.LeaderTimeout/5), nil)
+		return false
+	}
+	bo.reset()
+	p.leading.Store(true)
+	p.standby = false
+	p.log.Info("leader elected", "table", p.table.String(), "pid", p.lead.pid)
+	return true
+}
+
+func (p *Poller) stepDown() {
+	p.lead.release()
+	p.leading.Store(false)
+}
+
+// sleep waits for d, ctx, or a wake-up on wake (nil: none).
+func (p *Poller) sleep(ctx context.Context, d time.Duration, wake <-chan struct{}) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+	case <-t.C:
+	case <-wake:
+	case <-p.lead.lostCh():
+	}
+}
+
+func (p *Poller) listenerEvent(ev pq.ListenerEventType, err error) {
+	switch ev {
+	case pq.ListenerEventConnectionAttemptFailed, pq.ListenerEventDisconnected:
+		p.log.Warn("listen connection down; polling until it returns", "err", err)
+	case pq.ListenerEventReconnected:
+		p.log.Info("listen connection restored")
+	}
+}
+
+// forward turns notifications (nil on reconnect: something may have been
+// missed) into non-blocking wake-ups.
+func forward(ctx context.Context, in <-chan *pq.Notification, wake chan<- struct{}) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case _, ok := <-in:
+			if !ok {
+				return
+			}
+			select {
+			case wake <- struct{}{}:
+			default:
+			}
+		}
+	}
+}
+
+// backoff is capped exponential back-off with full jitter.
+type backoff struct {
+	min, max time.Duration
+	n        int
+}
+
+func (b *backoff) next() time.Duration {
+	d := b.min << min(b.n, 30)
+	if d <= 0 || d > b.max {
+		d = b.max
+	}
+	b.n++
+	return d/2 + rand.N(d/2+1)
+}
+
+func (b *backoff) reset() { b.n = 0 }

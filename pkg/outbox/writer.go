@@ -1,0 +1,149 @@
+// Package outbox writes events into the outbox table inside the caller's
+// own database transaction, so an event exists if and only if the business
+// change it describes committed. A separate publisher process (cmd/publisher)
+// moves the events to NATS JetStream.
+//
+// Events of one entity (EntityType, EntityID) are published in the order
+// they were written. That order is taken at INSERT time, so two transactions
+// that write events for the same entity must be serialised by the service,
+// as any correct update of an aggregate is: lock the aggregate's row
+// (SELECT ... FOR UPDATE) before writing its events.
+package outbox
+
+import (
+	"cmp"
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+
+	"github.com/google/uuid"
+	"github.com/lib/pq"
+
+	"github.com/pgnats/outbox/schema"
+)
+
+// DefaultMaxBytes is the default limit on an event's size (payload, subject
+// and headers): NATS's default max_payload of 1 MiB.
+const DefaultMaxBytes = 1 << 20
+
+// Event is one message to publish. EntityType, EntityID, Type and Data are
+// required.
+type Event struct {
+	// EntityType and EntityID name the aggregate the event belongs to;
+	// events of one entity are published in write order.
+	EntityType string
+	EntityID   string
+	// Type is the event's name, such as "OrderCreated".
+	Type string
+	// Subject is the NATS subject to publish to. Empty means
+	// "<EntityType>.<Type>".
+	Subject string
+	// Data is the payload. json.RawMessage and []byte are stored as they
+	// are and must be valid JSON; any other value is marshalled with
+	// encoding/json.
+	Data any
+	// Headers are extra NATS headers (trace context and the like). Names
+	// starting with "Nats-" or "Outbox-" are reserved.
+	Headers map[string]string
+}
+
+// Execer is what Write needs from a transaction: *sql.Tx and *sqlx.Tx
+// satisfy it (so do *sql.DB and *sqlx.DB, but then the events are not tied
+// to the caller's business change).
+type Execer interface {
+	ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error)
+}
+
+// Config configures a Writer. The zero value uses every default.
+type Config struct {
+	// Table is the events table, optionally schema-qualified.
+	// Default "events".
+	Table string
+	// MaxBytes bounds an event's payload, subject and headers together.
+	// Default DefaultMaxBytes; keep it at or under the NATS server's
+	// max_payload and the stream's max_msg_size.
+	MaxBytes int
+	// NewID makes event ids. Default uuid.NewV7 (time-ordered).
+	NewID func() (uuid.UUID, error)
+}
+
+// Writer inserts events. It holds no connection and is safe for concurrent
+// use.
+type Writer struct {
+	table    schema.Name
+	maxBytes int
+	newID    func() (uuid.UUID, error)
+	insert   string
+}
+
+// NewWriter returns a Writer for cfg, or an error naming the invalid
+// setting.
+func NewWriter(cfg Config) (*Writer, error) {
+	table, err := schema.ParseName(cmp.Or(cfg.Table, schema.DefaultEvents))
+	if err != nil {
+		return nil, fmt.Errorf("outbox: %w", err)
+	}
+	if cfg.MaxBytes < 0 {
+		return nil, fmt.Errorf("outbox: MaxBytes must not be negative, got %d", cfg.MaxBytes)
+	}
+	newID := cfg.NewID
+	if newID == nil {
+		newID = uuid.NewV7
+	}
+	return &Writer{
+		table:    table,
+		maxBytes: cmp.Or(cfg.MaxBytes, DefaultMaxBytes),
+		newID:    newID,
+		insert: `INSERT INTO ` + table.Quoted() + `
+			(event_id, event_target, event_type, entity_type, entity_id, event_data, headers)
+			SELECT id, target, typ, etype, eid, data::jsonb, hdrs::jsonb
+			FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])
+				WITH ORDINALITY AS e(id, target, typ, etype, eid, data, hdrs, ord)
+			ORDER BY ord`,
+	}, nil
+}
+
+// Write validates every event, then inserts them all with one statement in
+// tx and returns their ids in the order given. If any event is invalid it
+// returns an error matching ErrInvalidEvent (a *ValidationError) before any
+// SQL runs, so tx is still usable. Events are published in the order given.
+func (w *Writer) Write(ctx context.Context, tx Execer, events ...Event) ([]uuid.UUID, error) {
+	if len(events) == 0 {
+		return nil, nil
+	}
+	n := len(events)
+	ids := make([]uuid.UUID, n)
+	var (
+		idText  = make([]string, n)
+		targets = make([]string, n)
+		types   = make([]string, n)
+		etypes  = make([]string, n)
+		eids    = make([]string, n)
+		data    = make([]string, n)
+		headers = make([]string, n)
+	)
+	for i, ev := range events {
+		p, err := w.prepare(i, ev)
+		if err != nil {
+			return nil, err
+		}
+		id, err := w.newID()
+		if err != nil {
+			return nil, fmt.Errorf("outbox: new event id: %w", err)
+		}
+		ids[i], idText[i] = id, id.String()
+		targets[i], types[i], etypes[i], eids[i] = p.subject, ev.Type, ev.EntityType, ev.EntityID
+		data[i], headers[i] = string(p.data), string(p.headers)
+	}
+	if tx == nil {
+		return nil, errors.New("outbox: Write needs a transaction, got nil")
+	}
+	_, err := tx.ExecContext(ctx, w.insert,
+		pq.Array(idText), pq.Array(targets), pq.Array(types), pq.Array(etypes),
+		pq.Array(eids), pq.Array(data), pq.Array(headers))
+	if err != nil {
+		return nil, fmt.Errorf("outbox: insert %d events: %w", n, err)
+	}
+	return ids, nil
+}
