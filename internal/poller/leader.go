@@ -58,7 +58,7 @@ type leader struct {
 
 	db   *sql.DB   // a pool of one, opened per term
 	conn *sql.Conn // the session holding the lock
-	pid  int     // backend pid holding the session lock
+	pid  int       // backend pid holding the session lock
 	stop context.CancelFunc
 	wg   sync.WaitGroup
 	lost chan struct{} // closed by the heartbeat when the lock connection fails

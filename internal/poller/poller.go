@@ -349,3 +349,11 @@ func (b *backoff) next() time.Duration {
 }
 
 func (b *backoff) reset() { b.n = 0 }
+
+// RetryHorizon is the longest time after a first send that this loop may
+// send the same event again without an operator: a missing ack, a failed
+// mark and one full back-off. Streams' duplicate windows should exceed it.
+func (c Config) RetryHorizon() time.Duration {
+	c = c.withDefaults()
+	return c.AckTimeout + markGrace + c.BackoffMax
+}

@@ -3,6 +3,7 @@ package poller_test
 import (
 	"context"
 	"fmt"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -28,33 +29,72 @@ type bundle struct {
 
 func setup(t *testing.T) *bundle {
 	t.Helper()
-	db := testenv.NewDB(t)
 	nc, js := testenv.NATS(t)
-	s, prefix := testenv.Stream(t, js)
+	b := newBundle(t, nc, js)
+	b.stream, b.prefix = testenv.Stream(t, js)
+	return b
+}
+
+// newBundle gives the test its own schema and a writer, publishing on nc;
+// the caller sets stream and prefix.
+func newBundle(t *testing.T, nc *nats.Conn, js jetstream.JetStream) *bundle {
+	t.Helper()
 	w, err := outbox.NewWriter(outbox.Config{})
 	require.NoError(t, err)
-	return &bundle{db: db, nc: nc, js: js, stream: s, prefix: prefix, w: w}
+	return &bundle{db: testenv.NewDB(t), nc: nc, js: js, w: w}
 }
 
 // start runs a poller until the test ends.
 func (b *bundle) start(t *testing.T, cfg poller.Config) *poller.Poller {
 	t.Helper()
-	cfg.DB = b.db.DB.DB
-	cfg.DSN = b.db.DSN
+	p, _ := b.run(t, cfg)
+	return p
+}
+
+// run runs a poller and returns it with a stop function, which cancels it,
+// waits for Run to return and returns its error. Fields of cfg left zero
+// among DB, DSN and NATS come from the bundle. The poller is stopped when
+// the test ends if stop was not called.
+func (b *bundle) run(t *testing.T, cfg poller.Config) (*poller.Poller, func() error) {
+	t.Helper()
+	if cfg.DB == nil {
+		cfg.DB = b.db.DB.DB
+	}
+	if cfg.DSN == "" {
+		cfg.DSN = b.db.DSN
+	}
 	if cfg.NATS == nil {
 		cfg.NATS = b.nc
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = testLogger(t)
 	}
 	p, err := poller.New(cfg)
 	require.NoError(t, err)
 	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		require.NoError(t, p.Run(ctx))
-	}()
-	t.Cleanup(func() { cancel(); wg.Wait() })
-	return p
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+	var (
+		once   sync.Once
+		runErr error
+	)
+	stop := func() error {
+		once.Do(func() {
+			cancel()
+			select {
+			case runErr = <-done:
+			case <-time.After(30 * time.Second):
+				runErr = fmt.Errorf("Run did not return within 30s of cancellation")
+			}
+		})
+		return runErr
+	}
+	t.Cleanup(func() {
+		if err := stop(); err != nil {
+			t.Errorf("poller Run: %v", err)
+		}
+	})
+	return p, stop
 }
 
 func (b *bundle) write(t *testing.T, events ...outbox.Event) {
@@ -68,9 +108,23 @@ func (b *bundle) write(t *testing.T, events ...outbox.Event) {
 
 func (b *bundle) count(t *testing.T, status string) int {
 	t.Helper()
+	return b.scalar(t, `SELECT count(*) FROM events WHERE event_status = $1`, status)
+}
+
+// scalar runs a query returning one integer in the test's schema.
+func (b *bundle) scalar(t *testing.T, query string, args ...any) int {
+	t.Helper()
 	var n int
-	require.NoError(t, b.db.Get(&n, `SELECT count(*) FROM events WHERE event_status = $1`, status))
+	require.NoError(t, b.db.Get(&n, query, args...))
 	return n
+}
+
+// ids returns the ids of the events in status, in seq order.
+func (b *bundle) ids(t *testing.T, status string) []string {
+	t.Helper()
+	var ids []string
+	require.NoError(t, b.db.Select(&ids, `SELECT event_id::text FROM events WHERE event_status = $1 ORDER BY seq`, status))
+	return ids
 }
 
 // received reads every message of the stream, in stream order.
@@ -89,6 +143,67 @@ func (b *bundle) received(t *testing.T) []jetstream.Msg {
 		out = append(out, m)
 	}
 	return out
+}
+
+// fastConfig is a poller configuration that retries, backs off and fails
+// over quickly, so failure tests finish in seconds.
+func fastConfig() poller.Config {
+	return poller.Config{
+		BatchSize:     100,
+		PollInterval:  100 * time.Millisecond,
+		AckTimeout:    2 * time.Second,
+		MaxAttempts:   3,
+		RetryBase:     50 * time.Millisecond,
+		RetryMax:      200 * time.Millisecond,
+		BackoffMin:    20 * time.Millisecond,
+		BackoffMax:    500 * time.Millisecond,
+		LeaderTimeout: 2 * time.Second,
+	}
+}
+
+// changes returns perEntity "Changed" events for each of entities entities
+// of type "order", interleaved, published to subject; Data is {"n": i}.
+func changes(subject string, entities, perEntity int) []outbox.Event {
+	var events []outbox.Event
+	for i := range perEntity {
+		for e := range entities {
+			events = append(events, outbox.Event{
+				EntityType: "order", EntityID: fmt.Sprint(e), Type: "Changed",
+				Subject: subject, Data: map[string]int{"n": i},
+			})
+		}
+	}
+	return events
+}
+
+// requireOnceInOrder checks that msgs hold want distinct events, none twice,
+// and that each entity's events are in seq order.
+func requireOnceInOrder(t *testing.T, msgs []jetstream.Msg, want int) {
+	t.Helper()
+	seen := map[string]bool{}
+	last := map[string]int64{}
+	for _, m := range msgs {
+		h := m.Headers()
+		id := h.Get(outbox.HeaderEventID)
+		require.False(t, seen[id], "event %s is in the stream twice", id)
+		seen[id] = true
+		require.Equal(t, id, h.Get(jetstream.MsgIDHeader))
+		seq, err := strconv.ParseInt(h.Get(outbox.HeaderSeq), 10, 64)
+		require.NoError(t, err)
+		ent := h.Get(outbox.HeaderEntityType) + "/" + h.Get(outbox.HeaderEntityID)
+		require.Greater(t, seq, last[ent], "entity %s out of order", ent)
+		last[ent] = seq
+	}
+	require.Len(t, seen, want)
+}
+
+// streamIDs returns the event ids in msgs.
+func streamIDs(msgs []jetstream.Msg) map[string]bool {
+	ids := make(map[string]bool, len(msgs))
+	for _, m := range msgs {
+		ids[m.Headers().Get(outbox.HeaderEventID)] = true
+	}
+	return ids
 }
 
 func TestPublishHappyPath(t *testing.T) {

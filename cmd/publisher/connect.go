@@ -1,0 +1,115 @@
+package main
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/url"
+	"regexp"
+	"time"
+
+	_ "github.com/lib/pq" // PostgreSQL driver
+	"github.com/nats-io/nats.go"
+)
+
+// Defaults for local development.
+const (
+	defaultDatabaseURL = "postgres://postgres@127.0.0.1:5432/test?sslmode=disable"
+	defaultNATSURL     = nats.DefaultURL
+)
+
+// common holds the flags every database command shares.
+type common struct {
+	databaseURL string
+	table       string
+	logFormat   string
+	logLevel    string
+}
+
+func (o *common) register(c *command) {
+	c.String(&o.databaseURL, "database-url", defaultDatabaseURL,
+		"PostgreSQL connection URL or key=value DSN; connect directly, not through a transaction-mode pooler", "DATABASE_URL")
+	c.String(&o.table, "table", "events", "events table, optionally schema-qualified (schema.events)")
+	c.String(&o.logFormat, "log-format", "text", "log format: text or json")
+	c.String(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
+}
+
+func (o *common) logger(w io.Writer) (*slog.Logger, error) {
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(o.logLevel)); err != nil {
+		return nil, usagef("--log-level %q: use debug, info, warn or error", o.logLevel)
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	switch o.logFormat {
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	return nil, usagef("--log-format %q: use text or json", o.logFormat)
+}
+
+// openDB connects to PostgreSQL and checks that it answers.
+func openDB(ctx context.Context, dsn string) (*sql.DB, error) {
+	db, err := sql.Open("postgres", dsn)
+	if err != nil {
+		return nil, fmt.Errorf("database URL %s: %w", redact(dsn), err)
+	}
+	if err := pingDB(ctx, db, dsn); err != nil {
+		db.Close()
+		return nil, err
+	}
+	return db, nil
+}
+
+func pingDB(ctx context.Context, db *sql.DB, dsn string) error {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := db.PingContext(ctx); err != nil {
+		return fmt.Errorf("PostgreSQL is unreachable at %s: %w\n"+
+			"  start PostgreSQL there, or point --database-url (or DATABASE_URL) at a running server", redact(dsn), err)
+	}
+	return nil
+}
+
+var passwordKV = regexp.MustCompile(`(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)`)
+
+// redact hides the password of a URL or key=value DSN, for messages and
+// logs.
+func redact(dsn string) string {
+	if u, err := url.Parse(dsn); err == nil && u.Scheme != "" {
+		q := u.Query()
+		if q.Has("password") {
+			q.Set("password", "xxxxx")
+			u.RawQuery = q.Encode()
+		}
+		return u.Redacted()
+	}
+	return passwordKV.ReplaceAllString(dsn, "${1}xxxxx")
+}
+
+// connectNATS connects to NATS. With wait, a server that is down is retried
+// in the background (the publisher backs off until it returns); without,
+// an unreachable server is an error.
+func connectNATS(natsURL string, wait bool, log *slog.Logger) (*nats.Conn, error) {
+	shown := redact(natsURL)
+	nc, err := nats.Connect(natsURL,
+		nats.Name("pgnats-outbox publisher"),
+		nats.RetryOnFailedConnect(wait),
+		nats.MaxReconnects(-1),
+		nats.ReconnectWait(250*time.Millisecond),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			log.Warn("NATS disconnected; reconnecting", "url", shown, "err", err)
+		}),
+		nats.ReconnectHandler(func(c *nats.Conn) {
+			log.Info("NATS reconnected", "url", redact(c.ConnectedUrl()))
+		}),
+	)
+	if err != nil {
+		return nil, fmt.Errorf("NATS is unreachable at %s: %w\n"+
+			"  start nats-server with JetStream (nats-server -js), or point --nats-url (or NATS_URL) at one", shown, err)
+	}
+	return nc, nil
+}

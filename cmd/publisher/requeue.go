@@ -1,0 +1,74 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"strings"
+
+	"github.com/pgnats/outbox/internal/poller"
+)
+
+func runRequeue(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	var (
+		o      common
+		ids    string
+		entity string
+		all    bool
+		dryRun bool
+	)
+	c := newCommand("requeue", "", `
+Put FAILED events back to READY with their attempts reset, so the publisher
+tries them again at once (fix what made them fail first: create the missing
+stream, raise the size limit). Choose the events with exactly one of --id,
+--entity or --all. Their entities stop being blocked; waiting events follow
+in order.`)
+	o.register(c)
+	c.String(&ids, "id", "", "comma-separated event ids")
+	c.String(&entity, "entity", "", "every FAILED event of one entity, as TYPE/ID")
+	c.Bool(&all, "all", false, "every FAILED event")
+	c.Bool(&dryRun, "dry-run", false, "only count the events that would be requeued")
+	if err := c.parse(args, stdout); err != nil {
+		return err
+	}
+	var f poller.RequeueFilter
+	chosen := 0
+	if ids != "" {
+		chosen++
+		for _, id := range strings.Split(ids, ",") {
+			if id = strings.TrimSpace(id); id != "" {
+				f.IDs = append(f.IDs, id)
+			}
+		}
+	}
+	if entity != "" {
+		chosen++
+		typ, id, ok := strings.Cut(entity, "/")
+		if !ok || typ == "" || id == "" {
+			return usagef("requeue: --entity %q: use TYPE/ID, e.g. order/42", entity)
+		}
+		f.EntityType, f.EntityID = typ, id
+	}
+	if all {
+		chosen++
+		f.All = true
+	}
+	if chosen != 1 {
+		return usagef("requeue: choose events with exactly one of --id, --entity or --all")
+	}
+	db, err := openDB(ctx, o.databaseURL)
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	n, err := poller.Requeue(ctx, db, o.table, f, dryRun)
+	if err != nil {
+		return err
+	}
+	if dryRun {
+		fmt.Fprintf(stdout, "would requeue %d FAILED events\n", n)
+		return nil
+	}
+	fmt.Fprintf(stdout, "requeued %d FAILED events\n", n)
+	return nil
+}

@@ -1,0 +1,165 @@
+package main
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"io"
+	"log/slog"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/pgnats/outbox/internal/poller"
+)
+
+type runOptions struct {
+	common
+	natsURL         string
+	batchSize       int
+	pollInterval    time.Duration
+	noListen        bool
+	ackTimeout      time.Duration
+	maxAttempts     int
+	retryBase       time.Duration
+	retryMax        time.Duration
+	backoffMax      time.Duration
+	leaderTimeout   time.Duration
+	createStream    string
+	streamSubjects  string
+	duplicateWindow time.Duration
+	streamStorage   string
+}
+
+func runPublisher(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	var o runOptions
+	c := newCommand("run", "", `
+Publish READY events to NATS JetStream, oldest first, and mark them SUCCESS
+once JetStream has acknowledged them. Wakes on NOTIFY from the insert
+trigger, or every --poll-interval. One publisher per table is active; others
+started against the same table wait as standbys and take over within
+seconds when it dies. SIGTERM or SIGINT: stop claiming, finish the batch in
+flight, exit 0.`)
+	o.common.register(c)
+	c.String(&o.natsURL, "nats-url", defaultNATSURL, "NATS server URL(s), comma-separated", "NATS_URL")
+	c.Int(&o.batchSize, "batch-size", 500, "most events claimed and published at once")
+	c.Duration(&o.pollInterval, "poll-interval", time.Second, "fallback poll when no NOTIFY arrives")
+	c.Bool(&o.noListen, "no-listen", false, "poll only; do not LISTEN for the insert trigger's NOTIFY")
+	c.Duration(&o.ackTimeout, "ack-timeout", 5*time.Second, "how long a batch waits for JetStream's acks before backing off")
+	c.Int(&o.maxAttempts, "max-attempts", 10, "refusals of one event before it is FAILED")
+	c.Duration(&o.retryBase, "retry-base", time.Second, "first delay before a refused event is retried (doubles each attempt)")
+	c.Duration(&o.retryMax, "retry-max", 5*time.Minute, "longest delay before a refused event is retried")
+	c.Duration(&o.backoffMax, "backoff-max", 30*time.Second, "longest pause while the database or broker is unreachable")
+	c.Duration(&o.leaderTimeout, "leader-timeout", 5*time.Second, "how soon a hung leader loses its lock to a standby")
+	c.String(&o.createStream, "create-stream", "", "create or update this JetStream stream at start (for development)")
+	c.String(&o.streamSubjects, "stream-subjects", ">", "with --create-stream: comma-separated subjects the stream stores")
+	c.Duration(&o.duplicateWindow, "duplicate-window", 2*time.Minute, "with --create-stream: the stream's duplicate window")
+	c.String(&o.streamStorage, "stream-storage", "file", "with --create-stream: file or memory")
+	if err := c.parse(args, stdout); err != nil {
+		return err
+	}
+	log, err := o.logger(stderr)
+	if err != nil {
+		return err
+	}
+	if o.batchSize < 1 || o.maxAttempts < 1 {
+		return usagef("run: --batch-size and --max-attempts must be at least 1")
+	}
+	for name, d := range map[string]time.Duration{"poll-interval": o.pollInterval, "ack-timeout": o.ackTimeout,
+		"retry-base": o.retryBase, "retry-max": o.retryMax, "backoff-max": o.backoffMax, "leader-timeout": o.leaderTimeout} {
+		if d <= 0 {
+			return usagef("run: --%s must be positive, got %s", name, d)
+		}
+	}
+	if o.streamStorage != "file" && o.streamStorage != "memory" {
+		return usagef("run: --stream-storage %q: use file or memory", o.streamStorage)
+	}
+
+	log.Info("publisher starting", "table", o.table, "database", redact(o.databaseURL), "nats", redact(o.natsURL),
+		"batch_size", o.batchSize, "listen", !o.noListen, "poll_interval", o.pollInterval)
+	db, err := waitForDB(ctx, o.databaseURL, o.backoffMax, log)
+	if err != nil || db == nil {
+		return err // nil when stopped while waiting
+	}
+	defer db.Close()
+	nc, err := connectNATS(o.natsURL, true, log)
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+
+	cfg := poller.Config{
+		DB: db, DSN: o.databaseURL, NATS: nc, Table: o.table, BatchSize: o.batchSize,
+		PollInterval: o.pollInterval, NoListen: o.noListen, AckTimeout: o.ackTimeout,
+		MaxAttempts: o.maxAttempts, RetryBase: o.retryBase, RetryMax: o.retryMax,
+		BackoffMax: o.backoffMax, LeaderTimeout: o.leaderTimeout, Logger: log,
+	}
+	p, err := poller.New(cfg)
+	if err != nil {
+		return usageError{err}
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return err
+	}
+	if o.createStream != "" {
+		if err := createStream(ctx, js, o, log); err != nil {
+			return err
+		}
+	}
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	if err := poller.CheckStreams(cctx, db, js, o.table, cfg.RetryHorizon(), log); err != nil {
+		log.Warn("could not check streams at start", "err", err)
+	}
+	cancel()
+	return p.Run(ctx)
+}
+
+// waitForDB connects to PostgreSQL, retrying with back-off while it is
+// unreachable: a publisher started before its database waits for it. It
+// returns nil, nil when ctx ends first.
+func waitForDB(ctx context.Context, dsn string, maxWait time.Duration, log *slog.Logger) (*sql.DB, error) {
+	db, err := sql.Open("postgres", dsn)
+	if err != nil {
+		return nil, usagef("--database-url %s: %v", redact(dsn), err)
+	}
+	wait := 250 * time.Millisecond
+	for {
+		err := pingDB(ctx, db, dsn)
+		if err == nil {
+			return db, nil
+		}
+		log.Error("database unreachable; retrying", "err", err, "retry_in", wait)
+		select {
+		case <-ctx.Done():
+			db.Close()
+			return nil, nil
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, maxWait)
+	}
+}
+
+func createStream(ctx context.Context, js jetstream.JetStream, o runOptions, log *slog.Logger) error {
+	storage := jetstream.FileStorage
+	if o.streamStorage == "memory" {
+		storage = jetstream.MemoryStorage
+	}
+	var subjects []string
+	for _, s := range strings.Split(o.streamSubjects, ",") {
+		if s = strings.TrimSpace(s); s != "" {
+			subjects = append(subjects, s)
+		}
+	}
+	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	s, err := js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+		Name: o.createStream, Subjects: subjects, Storage: storage, Duplicates: o.duplicateWindow,
+	})
+	if err != nil {
+		return fmt.Errorf("create stream %q for %v: %w", o.createStream, subjects, err)
+	}
+	log.Info("stream ready", "stream", s.CachedInfo().Config.Name, "subjects", subjects, "duplicate_window", o.duplicateWindow)
+	return nil
+}

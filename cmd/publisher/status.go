@@ -1,0 +1,110 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/pgnats/outbox/internal/poller"
+)
+
+func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	var (
+		o      common
+		asJSON bool
+		limit  int
+	)
+	c := newCommand("status", "", `
+Show the state of the events table: counts per status, the READY backlog and
+the age of its oldest event, entities blocked by a FAILED or retrying event
+(with the event that blocks each), the most recent FAILED events with their
+reasons, and which session holds the leader lock.`)
+	o.register(c)
+	c.Bool(&asJSON, "json", false, "print one JSON object instead of tables")
+	c.Int(&limit, "limit", 10, "most blocked entities and FAILED events listed")
+	if err := c.parse(args, stdout); err != nil {
+		return err
+	}
+	if limit < 1 {
+		return usagef("status: --limit must be at least 1")
+	}
+	db, err := openDB(ctx, o.databaseURL)
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	st, err := poller.ReadStatus(ctx, db, o.table, limit)
+	if err != nil {
+		return err
+	}
+	if asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(st)
+	}
+	printStatus(stdout, st)
+	return nil
+}
+
+func printStatus(w io.Writer, st *poller.Status) {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(tw, "table\t%s\n", st.Table)
+	fmt.Fprintf(tw, "READY\t%d\t(%d waiting for a retry)\n", st.Counts["READY"], st.Retrying)
+	fmt.Fprintf(tw, "SUCCESS\t%d\n", st.Counts["SUCCESS"])
+	fmt.Fprintf(tw, "FAILED\t%d\n", st.Counts["FAILED"])
+	age := "-"
+	if st.OldestReadyAge != nil {
+		age = st.OldestReadyAge.Round(time.Millisecond).String()
+	}
+	fmt.Fprintf(tw, "oldest READY\t%s\n", age)
+	leader := "none (no publisher is running)"
+	if st.Leader != nil {
+		leader = fmt.Sprintf("backend pid %d", st.Leader.PID)
+		if st.Leader.ClientAddr != "" {
+			leader += " from " + st.Leader.ClientAddr
+		}
+		if st.Leader.BackendSince != nil {
+			leader += ", since " + st.Leader.BackendSince.UTC().Format(time.RFC3339)
+		}
+	}
+	fmt.Fprintf(tw, "leader\t%s\n", leader)
+	fmt.Fprintf(tw, "blocked entities\t%d\n", st.BlockedTotal)
+	tw.Flush()
+
+	if len(st.Blocked) > 0 {
+		fmt.Fprintln(w, "\nBlocked entities (their later events wait):")
+		tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "ENTITY\tBLOCKED BY\tSTATUS\tATTEMPTS\tWAITING\tREASON")
+		for _, b := range st.Blocked {
+			status := b.Status
+			if status == "READY" {
+				status = "retry at " + b.RetryAt.UTC().Format(time.TimeOnly)
+			}
+			fmt.Fprintf(tw, "%s/%s\t%s\t%s\t%d\t%d\t%s\n", b.EntityType, b.EntityID, b.EventID, status,
+				b.Attempts, b.Waiting, oneLine(b.LastError))
+		}
+		tw.Flush()
+	}
+	if len(st.RecentFailed) > 0 {
+		fmt.Fprintln(w, "\nRecent FAILED events (publisher requeue --id ID puts one back):")
+		tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "EVENT\tSUBJECT\tENTITY\tATTEMPTS\tREASON")
+		for _, f := range st.RecentFailed {
+			fmt.Fprintf(tw, "%s\t%s\t%s/%s\t%d\t%s\n", f.EventID, f.Subject, f.EntityType, f.EntityID,
+				f.Attempts, oneLine(f.LastError))
+		}
+		tw.Flush()
+	}
+}
+
+func oneLine(s string) string {
+	s = strings.Join(strings.Fields(s), " ")
+	if len(s) > 100 {
+		s = s[:97] + "..."
+	}
+	return s
+}

@@ -1,0 +1,204 @@
+package poller
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/lib/pq"
+
+	"github.com/pgnats/outbox/schema"
+)
+
+// Status is a snapshot of an events table, for `publisher status`.
+type Status struct {
+	Table          string          `json:"table"`
+	Counts         map[string]int  `json:"counts"` // by event_status
+	Retrying       int             `json:"retrying"`
+	OldestReadyAge *time.Duration  `json:"oldest_ready_age_ns,omitempty"`
+	Blocked        []BlockedEntity `json:"blocked_entities"`
+	BlockedTotal   int             `json:"blocked_entities_total"`
+	RecentFailed   []FailedEvent   `json:"recent_failed"`
+	Leader         *LeaderInfo     `json:"leader,omitempty"`
+}
+
+// BlockedEntity is an entity whose oldest unpublished event is FAILED or
+// waiting for a retry, which holds back its later events.
+type BlockedEntity struct {
+	EntityType string    `json:"entity_type"`
+	EntityID   string    `json:"entity_id"`
+	EventID    string    `json:"blocking_event_id"`
+	Status     string    `json:"blocking_status"`
+	Attempts   int       `json:"attempts"`
+	LastError  string    `json:"last_error"`
+	RetryAt    time.Time `json:"retry_at"`
+	Waiting    int       `json:"waiting_events"`
+}
+
+// FailedEvent is a FAILED row with its reason.
+type FailedEvent struct {
+	EventID    string    `json:"event_id"`
+	Subject    string    `json:"subject"`
+	EntityType string    `json:"entity_type"`
+	EntityID   string    `json:"entity_id"`
+	Attempts   int       `json:"attempts"`
+	LastError  string    `json:"last_error"`
+	CreatedAt  time.Time `json:"created_at"`
+}
+
+// LeaderInfo describes the session holding the leader lock.
+type LeaderInfo struct {
+	PID          int        `json:"pid"`
+	ClientAddr   string     `json:"client_addr"`
+	BackendSince *time.Time `json:"backend_start,omitempty"`
+}
+
+// ReadStatus reads the status of table. limit bounds the blocked and
+// failed lists.
+func ReadStatus(ctx context.Context, db *sql.DB, table string, limit int) (*Status, error) {
+	name, err := schema.ParseName(table)
+	if err != nil {
+		return nil, err
+	}
+	t := name.Quoted()
+	st := &Status{Table: name.String(), Counts: map[string]int{"READY": 0, "SUCCESS": 0, "FAILED": 0}}
+
+	rows, err := db.QueryContext(ctx, `SELECT event_status, count(*) FROM `+t+` GROUP BY event_status`)
+	if err != nil {
+		return nil, fmt.Errorf("count events: %w", err)
+	}
+	for rows.Next() {
+		var s string
+		var n int
+		if err := rows.Scan(&s, &n); err != nil {
+			rows.Close()
+			return nil, err
+		}
+		st.Counts[s] = n
+	}
+	rows.Close()
+
+	var age sql.NullFloat64
+	if err := db.QueryRowContext(ctx, `SELECT extract(epoch FROM now() - min(created_at)),
+			count(*) FILTER (WHERE attempts > 0)
+		FROM `+t+` WHERE event_status = 'READY'`).Scan(&age, &st.Retrying); err != nil {
+		return nil, fmt.Errorf("read backlog: %w", err)
+	}
+	if age.Valid {
+		d := time.Duration(age.Float64 * float64(time.Second))
+		st.OldestReadyAge = &d
+	}
+
+	// An entity is blocked by its first event that is FAILED or retrying.
+	blocked := `WITH blockers AS (
+			SELECT DISTINCT ON (entity_type, entity_id) entity_type, entity_id, event_id, seq,
+				event_status, attempts, coalesce(last_error, ''), available_at
+			FROM ` + t + `
+			WHERE event_status = 'FAILED' OR (event_status = 'READY' AND attempts > 0)
+			ORDER BY entity_type, entity_id, seq)
+		SELECT b.*, (SELECT count(*) FROM ` + t + ` w
+			WHERE w.entity_type = b.entity_type AND w.entity_id = b.entity_id
+			  AND w.seq > b.seq AND w.event_status = 'READY'), count(*) OVER ()
+		FROM blockers b ORDER BY b.seq LIMIT $1`
+	rows, err = db.QueryContext(ctx, blocked, limit)
+	if err != nil {
+		return nil, fmt.Errorf("read blocked entities: %w", err)
+	}
+	for rows.Next() {
+		var b BlockedEntity
+		var seq int64
+		if err := rows.Scan(&b.EntityType, &b.EntityID, &b.EventID, &seq, &b.Status, &b.Attempts,
+			&b.LastError, &b.RetryAt, &b.Waiting, &st.BlockedTotal); err != nil {
+			rows.Close()
+			return nil, err
+		}
+		st.Blocked = append(st.Blocked, b)
+	}
+	rows.Close()
+
+	rows, err = db.QueryContext(ctx, `SELECT event_id, event_target, entity_type, entity_id, attempts,
+			coalesce(last_error, ''), created_at
+		FROM `+t+` WHERE event_status = 'FAILED' ORDER BY seq DESC LIMIT $1`, limit)
+	if err != nil {
+		return nil, fmt.Errorf("read failed events: %w", err)
+	}
+	for rows.Next() {
+		var f FailedEvent
+		if err := rows.Scan(&f.EventID, &f.Subject, &f.EntityType, &f.EntityID, &f.Attempts, &f.LastError, &f.CreatedAt); err != nil {
+			rows.Close()
+			return nil, err
+		}
+		st.RecentFailed = append(st.RecentFailed, f)
+	}
+	rows.Close()
+
+	var li LeaderInfo
+	var addr sql.NullString
+	err = db.QueryRowContext(ctx, `SELECT l.pid, host(a.client_addr), a.backend_start
+		FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+		WHERE l.locktype = 'advisory' AND l.classid = $1::bigint::oid
+		  AND l.objid = to_regclass($2)::oid AND l.objsubid = 2 AND l.granted`,
+		leaderNamespace, t).Scan(&li.PID, &addr, &li.BackendSince)
+	switch {
+	case errors.Is(err, sql.ErrNoRows):
+	case err != nil:
+		return nil, fmt.Errorf("read leader: %w", err)
+	default:
+		li.ClientAddr = addr.String
+		st.Leader = &li
+	}
+	return st, nil
+}
+
+// RequeueFilter selects FAILED events to put back to READY. Exactly one of
+// IDs, Entity or All should be set.
+type RequeueFilter struct {
+	IDs        []string
+	EntityType string
+	EntityID   string
+	All        bool
+}
+
+// Requeue moves the FAILED events that f selects back to READY with
+// attempts reset, due now, and returns how many it moved (or, with dryRun,
+// would move). last_error is kept until the event is published.
+func Requeue(ctx context.Context, db *sql.DB, table string, f RequeueFilter, dryRun bool) (int64, error) {
+	name, err := schema.ParseName(table)
+	if err != nil {
+		return 0, err
+	}
+	where := `event_status = 'FAILED'`
+	var args []any
+	switch {
+	case len(f.IDs) > 0:
+		where += ` AND event_id::text = ANY($1)`
+		args = append(args, pq.Array(f.IDs))
+	case f.EntityType != "":
+		where += ` AND entity_type = $1 AND entity_id = $2`
+		args = append(args, f.EntityType, f.EntityID)
+	case f.All:
+	default:
+		return 0, errors.New("requeue: choose events by id, by entity, or all")
+	}
+	q := `UPDATE ` + name.Quoted() + ` SET event_status = 'READY', attempts = 0, available_at = now() WHERE ` + where
+	if dryRun {
+		q = `SELECT count(*) FROM ` + name.Quoted() + ` WHERE ` + where
+		var n int64
+		if err := db.QueryRowContext(ctx, q, args...).Scan(&n); err != nil {
+			return 0, fmt.Errorf("count failed events: %w", err)
+		}
+		return n, nil
+	}
+	res, err := db.ExecContext(ctx, q, args...)
+	if err != nil {
+		return 0, fmt.Errorf("requeue: %w", err)
+	}
+	n, _ := res.RowsAffected()
+	if n > 0 {
+		// An UPDATE fires no insert trigger: wake the publisher directly.
+		_, _ = db.ExecContext(ctx, `SELECT pg_notify($1, '')`, schema.Channel(table))
+	}
+	return n, nil
+}

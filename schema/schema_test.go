@@ -1,0 +1,352 @@
+package schema_test
+
+import (
+	"context"
+	"database/sql"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/pgnats/outbox/internal/testenv"
+	"github.com/pgnats/outbox/schema"
+)
+
+func TestParseName(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		in   string
+		want schema.Name // zero: invalid
+	}{
+		{"events", schema.Name{Table: "events"}},
+		{"s.events", schema.Name{Schema: "s", Table: "events"}},
+		{"_x1", schema.Name{Table: "_x1"}},
+		{"Billing.Events_2", schema.Name{Schema: "Billing", Table: "Events_2"}},
+		{strings.Repeat("a", 63), schema.Name{Table: strings.Repeat("a", 63)}},
+		{"", schema.Name{}},
+		{"1abc", schema.Name{}},
+		{"a-b", schema.Name{}},
+		{"a.b.c", schema.Name{}},
+		{`"x"`, schema.Name{}},
+		{"events; drop", schema.Name{}},
+		{"events; drop table x", schema.Name{}},
+		{strings.Repeat("a", 64), schema.Name{}},
+		{strings.Repeat("a", 64) + ".events", schema.Name{}},
+		{".events", schema.Name{}},
+		{"s.", schema.Name{}},
+		{"ev ents", schema.Name{}},
+		{"évents", schema.Name{}},
+		{"events\n", schema.Name{}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.in, func(t *testing.T) {
+			t.Parallel()
+			got, err := schema.ParseName(tt.in)
+			if tt.want == (schema.Name{}) {
+				require.ErrorIs(t, err, schema.ErrInvalidName)
+				require.Equal(t, schema.Name{}, got)
+				return
+			}
+			require.NoError(t, err)
+			require.Equal(t, tt.want, got)
+			require.Equal(t, tt.in, got.String())
+		})
+	}
+}
+
+func TestNameQuoted(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		in   string
+		want string
+	}{
+		{"events", `"events"`},
+		{"s.events", `"s"."events"`},
+		{"Billing.Events", `"Billing"."Events"`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.in, func(t *testing.T) {
+			t.Parallel()
+			n, err := schema.ParseName(tt.in)
+			require.NoError(t, err)
+			require.Equal(t, tt.want, n.Quoted())
+		})
+	}
+}
+
+func TestTablesValidate(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name   string
+		tables schema.Tables
+		valid  bool
+	}{
+		{"zero value means defaults", schema.Tables{}, true},
+		{"custom names", schema.Tables{Events: "my_events", Processed: "my_processed", Migrations: "my_versions"}, true},
+		{"schema-qualified names", schema.Tables{Events: "billing.events", Processed: "billing.processed_message"}, true},
+		{"events name at the limit for derived index names", schema.Tables{Events: strings.Repeat("e", 46)}, true},
+		{"events name too long for derived index names", schema.Tables{Events: strings.Repeat("e", 47)}, false},
+		{"events name too long for its NOTIFY channel", schema.Tables{Events: strings.Repeat("s", 30) + "." + strings.Repeat("e", 30)}, false},
+		{"invalid events name", schema.Tables{Events: "events; drop table x"}, false},
+		{"invalid processed name", schema.Tables{Processed: "a-b"}, false},
+		{"invalid migrations name", schema.Tables{Migrations: "a.b.c"}, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			err := tt.tables.Validate()
+			if tt.valid {
+				require.NoError(t, err)
+			} else {
+				require.ErrorIs(t, err, schema.ErrInvalidName)
+			}
+		})
+	}
+}
+
+func TestTablesWithDefaults(t *testing.T) {
+	t.Parallel()
+	require.Equal(t, schema.Tables{Events: "events", Processed: "processed_message", Migrations: "events_migrations"},
+		schema.Tables{}.WithDefaults())
+	require.Equal(t, schema.Tables{Events: "s.ev", Processed: "processed_message", Migrations: "s.ev_migrations"},
+		schema.Tables{Events: "s.ev"}.WithDefaults())
+}
+
+func TestChannel(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		events string
+		want   string
+	}{
+		{"", "events_ready"},
+		{"events", "events_ready"},
+		{"my_events", "my_events_ready"},
+		{"billing.events", "billing_events_ready"},
+		{"events; drop", ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.events, func(t *testing.T) {
+			t.Parallel()
+			require.Equal(t, tt.want, schema.Channel(tt.events))
+		})
+	}
+}
+
+func TestMigrations(t *testing.T) {
+	t.Parallel()
+
+	t.Run("render quoted identifiers", func(t *testing.T) {
+		t.Parallel()
+		ms, err := schema.Migrations(schema.Tables{Events: "billing.my_events", Processed: "my_processed"})
+		require.NoError(t, err)
+		require.NotEmpty(t, ms)
+		for i, m := range ms {
+			require.Equal(t, i+1, m.Version, "versions start at 1 and have no gaps")
+			require.NotEmpty(t, m.Name)
+			for _, sqlText := range []string{m.Up, m.Down} {
+				require.NotContains(t, sqlText, "{{")
+				require.NotContains(t, sqlText, "}}")
+				require.NotContains(t, sqlText, "<no value>")
+			}
+		}
+		up, down := ms[0].Up, ms[0].Down
+		require.Equal(t, "init", ms[0].Name)
+		require.Contains(t, up, `CREATE TABLE IF NOT EXISTS "billing"."my_events" (`)
+		require.Contains(t, up, `CREATE TABLE IF NOT EXISTS "my_processed" (`)
+		require.Contains(t, up, `"my_events_ready_idx" ON "billing"."my_events"`)
+		require.Contains(t, up, `FUNCTION "billing"."my_events_notify"()`)
+		require.Contains(t, up, `pg_notify('billing_my_events_ready', '')`)
+		require.NotContains(t, up, `"events"`, "no default name leaks into custom names")
+		require.Contains(t, down, `DROP TABLE IF EXISTS "billing"."my_events"`)
+		require.Contains(t, down, `DROP TABLE IF EXISTS "my_processed"`)
+	})
+
+	t.Run("reject invalid names", func(t *testing.T) {
+		t.Parallel()
+		ms, err := schema.Migrations(schema.Tables{Events: `events"; DROP TABLE x; --`})
+		require.ErrorIs(t, err, schema.ErrInvalidName)
+		require.Nil(t, ms)
+	})
+}
+
+func TestScript(t *testing.T) {
+	t.Parallel()
+	script, err := schema.Script(schema.Tables{})
+	require.NoError(t, err)
+	require.Contains(t, script, "-- 0001_init\n")
+	require.Contains(t, script, `CREATE TABLE IF NOT EXISTS "events" (`)
+	require.Contains(t, script, `CREATE TABLE IF NOT EXISTS "processed_message" (`)
+	require.NotContains(t, script, "events_migrations", "the script leaves version bookkeeping to the user's tool")
+	require.NotContains(t, script, "{{")
+
+	_, err = schema.Script(schema.Tables{Processed: "bad name"})
+	require.ErrorIs(t, err, schema.ErrInvalidName)
+}
+
+// newSchema creates an empty PostgreSQL schema, dropped when the test ends,
+// and returns a connection whose search_path is that schema.
+func newSchema(t *testing.T) (db *sql.DB, admin *sql.DB, name string) {
+	t.Helper()
+	admin, err := sql.Open("postgres", testenv.DatabaseURL())
+	require.NoError(t, err)
+	t.Cleanup(func() { admin.Close() })
+	name = "schema_" + testenv.Suffix()
+	_, err = admin.Exec(`CREATE SCHEMA ` + name)
+	require.NoError(t, err)
+	t.Cleanup(func() { _, _ = admin.Exec(`DROP SCHEMA ` + name + ` CASCADE`) })
+
+	db, err = sql.Open("postgres", testenv.WithSearchPath(testenv.DatabaseURL(), name))
+	require.NoError(t, err)
+	t.Cleanup(func() { db.Close() })
+	return db, admin, name
+}
+
+// exists reports whether a relation (table, index) or, with "()", a
+// function of that name is visible.
+func exists(t *testing.T, db *sql.DB, name string) bool {
+	t.Helper()
+	query := `SELECT to_regclass($1) IS NOT NULL`
+	if strings.HasSuffix(name, "()") {
+		query = `SELECT to_regprocedure($1) IS NOT NULL`
+	}
+	var ok bool
+	require.NoError(t, db.QueryRow(query, name).Scan(&ok))
+	return ok
+}
+
+func TestMigrate(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+
+	t.Run("applies version 1 on a fresh schema, then nothing", func(t *testing.T) {
+		t.Parallel()
+		db, _, _ := newSchema(t)
+
+		applied, err := schema.Migrate(ctx, db, schema.Tables{})
+		require.NoError(t, err)
+		require.Equal(t, []int{1}, applied)
+		for _, name := range []string{"events", "processed_message", "events_migrations",
+			"events_seq_idx", "events_ready_idx", "events_entity_idx",
+			"processed_message_processed_at_idx", "events_notify()"} {
+			require.True(t, exists(t, db, name), "%s is missing", name)
+		}
+		var recorded []int
+		rows, err := db.Query(`SELECT version FROM events_migrations ORDER BY version`)
+		require.NoError(t, err)
+		for rows.Next() {
+			var v int
+			require.NoError(t, rows.Scan(&v))
+			recorded = append(recorded, v)
+		}
+		require.NoError(t, rows.Err())
+		require.Equal(t, []int{1}, recorded)
+
+		applied, err = schema.Migrate(ctx, db, schema.Tables{})
+		require.NoError(t, err)
+		require.Empty(t, applied, "a second Migrate applies nothing")
+	})
+
+	t.Run("concurrent callers apply version 1 once", func(t *testing.T) {
+		t.Parallel()
+		db, _, _ := newSchema(t)
+
+		const callers = 4
+		var (
+			wg      sync.WaitGroup
+			applied [callers][]int
+			errs    [callers]error
+		)
+		for i := range callers {
+			wg.Go(func() {
+				applied[i], errs[i] = schema.Migrate(ctx, db, schema.Tables{})
+			})
+		}
+		wg.Wait()
+		once := 0
+		for i := range callers {
+			require.NoError(t, errs[i], "caller %d", i)
+			switch {
+			case len(applied[i]) == 0:
+			case len(applied[i]) == 1 && applied[i][0] == 1:
+				once++
+			default:
+				t.Fatalf("caller %d applied %v", i, applied[i])
+			}
+		}
+		require.Equal(t, 1, once, "exactly one caller applies version 1")
+	})
+
+	t.Run("schema-qualified custom names", func(t *testing.T) {
+		t.Parallel()
+		_, admin, name := newSchema(t)
+		tables := schema.Tables{Events: name + ".my_events", Processed: name + ".my_processed"}
+
+		// admin has the default search_path: only qualification puts the
+		// tables in the test's schema.
+		applied, err := schema.Migrate(ctx, admin, tables)
+		require.NoError(t, err)
+		require.Equal(t, []int{1}, applied)
+		for _, rel := range []string{"my_events", "my_processed", "my_events_migrations", "my_events_ready_idx", "my_events_notify()"} {
+			require.True(t, exists(t, admin, name+"."+rel), "%s.%s is missing", name, rel)
+		}
+
+		// The trigger works: an INSERT (whose NOTIFY needs a valid channel)
+		// commits.
+		_, err = admin.Exec(`INSERT INTO ` + name + `.my_events (event_id, event_target, event_type, entity_type, entity_id, event_data)
+			VALUES (gen_random_uuid(), 'order.OrderCreated', 'OrderCreated', 'order', 'o-1', '{}')`)
+		require.NoError(t, err)
+
+		applied, err = schema.Migrate(ctx, admin, tables)
+		require.NoError(t, err)
+		require.Empty(t, applied)
+	})
+
+	t.Run("custom names beside the defaults", func(t *testing.T) {
+		t.Parallel()
+		db := testenv.NewDB(t) // already holds the default tables
+		applied, err := schema.Migrate(ctx, db.DB.DB, schema.Tables{Events: "my_events", Processed: "my_processed"})
+		require.NoError(t, err)
+		require.Equal(t, []int{1}, applied, "custom tables keep their own version record")
+		require.True(t, exists(t, db.DB.DB, "my_events"))
+		require.True(t, exists(t, db.DB.DB, "events"))
+	})
+
+	t.Run("down migration drops the tables", func(t *testing.T) {
+		t.Parallel()
+		db, _, _ := newSchema(t)
+		tables := schema.Tables{}
+		_, err := schema.Migrate(ctx, db, tables)
+		require.NoError(t, err)
+
+		ms, err := schema.Migrations(tables)
+		require.NoError(t, err)
+		for i := len(ms) - 1; i >= 0; i-- {
+			_, err := db.Exec(ms[i].Down)
+			require.NoError(t, err, "down %04d_%s", ms[i].Version, ms[i].Name)
+		}
+		for _, name := range []string{"events", "processed_message", "events_notify()"} {
+			require.False(t, exists(t, db, name), "%s is still there", name)
+		}
+	})
+
+	t.Run("script applies on a fresh schema", func(t *testing.T) {
+		t.Parallel()
+		db, _, _ := newSchema(t)
+		script, err := schema.Script(schema.Tables{})
+		require.NoError(t, err)
+		_, err = db.Exec(script)
+		require.NoError(t, err)
+		require.True(t, exists(t, db, "events"))
+		require.True(t, exists(t, db, "processed_message"))
+	})
+
+	t.Run("invalid name touches nothing", func(t *testing.T) {
+		t.Parallel()
+		db, _, _ := newSchema(t)
+		applied, err := schema.Migrate(ctx, db, schema.Tables{Events: "events; drop table x"})
+		require.ErrorIs(t, err, schema.ErrInvalidName)
+		require.Nil(t, applied)
+		require.False(t, exists(t, db, "events_migrations"))
+	})
+}
