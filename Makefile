@@ -1,0 +1,22 @@
+# Two commands do everything: `make demo` runs the saga end to end,
+# `make test` runs every test. Both use the local PostgreSQL and NATS
+# (DATABASE_URL and NATS_URL override them).
+GO ?= go
+
+.PHONY: demo test build bench vet fmt
+
+demo:
+	$(GO) run ./examples/order-service
+
+test:
+	$(GO) vet ./...
+	$(GO) test -race -count=1 -timeout 12m ./...
+
+build:
+	$(GO) build -o bin/publisher ./cmd/publisher
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem ./pkg/...
+
+fmt:
+	gofmt -w $$(git ls-files '*.go')
