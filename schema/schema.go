@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"net/url"
 	"regexp"
 	"sort"
 	"strconv"
@@ -291,4 +292,18 @@ func Script(t Tables) (string, error) {
 		fmt.Fprintf(&b, "-- %04d_%s\n%s\n", m.Version, m.Name, m.Up)
 	}
 	return b.String(), nil
+}
+
+// WithSearchPath returns the connection string dsn (a URL or key=value
+// DSN) with search_path set to schemaName, so unqualified table names
+// resolve in that schema on every connection it opens.
+func WithSearchPath(dsn, schemaName string) string {
+	u, err := url.Parse(dsn)
+	if err != nil || u.Scheme == "" {
+		return strings.TrimSpace(dsn) + " search_path=" + schemaName
+	}
+	q := u.Query()
+	q.Set("search_path", schemaName)
+	u.RawQuery = q.Encode()
+	return u.String()
 }

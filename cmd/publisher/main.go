@@ -5,6 +5,7 @@
 //	publisher migrate         create or upgrade the tables
 //	publisher status          counts, backlog, blocked entities, FAILED rows
 //	publisher requeue         put FAILED events back to READY
+//	publisher bench           measure throughput and latency here
 //	publisher version         print the version
 //
 // Exit status: 0 on a clean stop, 2 on a usage error, 1 on any other error.
@@ -48,11 +49,12 @@ func subcommands() map[string]subcommand {
 		"migrate": {"create or upgrade the outbox tables (--print shows the SQL)", runMigrate},
 		"status":  {"show counts, backlog, blocked entities and FAILED events", runStatus},
 		"requeue": {"put FAILED events back to READY", runRequeue},
+		"bench":   {"measure throughput and latency on this machine", runBench},
 		"version": {"print the version", runVersion},
 	}
 }
 
-var order = []string{"run", "migrate", "status", "requeue", "version"}
+var order = []string{"run", "migrate", "status", "requeue", "bench", "version"}
 
 // run dispatches to a subcommand; with no subcommand (or only flags) it runs
 // the publisher.

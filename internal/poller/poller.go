@@ -83,6 +83,10 @@ type Config struct {
 	LeaderTimeout time.Duration
 	// Logger receives the loop's logs. Default: discard.
 	Logger *slog.Logger
+	// SkipPublish makes the loop claim and mark without publishing, to
+	// measure the database's share of the work (publisher bench). Never set
+	// it in production: events would be marked SUCCESS unsent.
+	SkipPublish bool
 }
 
 func (c Config) withDefaults() Config {

@@ -69,25 +69,13 @@ func NewDB(t testing.TB) *DB {
 		_, _ = admin.Exec(`DROP SCHEMA ` + name + ` CASCADE`)
 		admin.Close()
 	})
-	dsn := WithSearchPath(DatabaseURL(), name)
+	dsn := schema.WithSearchPath(DatabaseURL(), name)
 	db := openDB(t, dsn)
 	t.Cleanup(func() { db.Close() })
 	if _, err := schema.Migrate(context.Background(), db.DB, schema.Tables{}); err != nil {
 		t.Fatalf("migrate test schema: %v", err)
 	}
 	return &DB{DB: db, DSN: dsn, Schema: name}
-}
-
-// WithSearchPath returns dsn with its search_path set to schemaName.
-func WithSearchPath(dsn, schemaName string) string {
-	u, err := url.Parse(dsn)
-	if err != nil || u.Scheme == "" {
-		return strings.TrimSpace(dsn) + " search_path=" + schemaName
-	}
-	q := u.Query()
-	q.Set("search_path", schemaName)
-	u.RawQuery = q.Encode()
-	return u.String()
 }
 
 func openDB(t testing.TB, dsn string) *sqlx.DB {
@@ -174,3 +162,6 @@ func Eventually(t testing.TB, timeout time.Duration, cond func() bool, msg strin
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// WithSearchPath is schema.WithSearchPath, for tests' convenience.
+func WithSearchPath(dsn, schemaName string) string { return schema.WithSearchPath(dsn, schemaName) }

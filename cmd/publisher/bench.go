@@ -1,0 +1,123 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/pgnats/outbox/internal/bench"
+)
+
+func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	var (
+		o              common
+		natsURL, rates string
+		asJSON, noIdle bool
+		cfg            bench.Config
+	)
+	c := newCommand("bench", "", `
+Measure the outbox on this machine, on scratch tables and a scratch stream
+that are removed afterwards: the database's ceiling for claim-and-mark, the
+broker's for publishing, the publisher's drain rate of a pre-written
+backlog, commit-to-consumer latency at offered rates, writer throughput
+with the NOTIFY trigger on and off, and an idle publisher's CPU and memory.
+Takes about a minute with the defaults.`)
+	o.register(c)
+	c.String(&natsURL, "nats-url", defaultNATSURL, "NATS server URL", "NATS_URL")
+	c.Int(&cfg.Events, "events", 50000, "events in the backlog to drain")
+	c.Int(&cfg.Payload, "payload", 256, "payload bytes per event")
+	c.Int(&cfg.Entities, "entities", 1000, "entities the events spread over")
+	c.Int(&cfg.BatchSize, "batch-size", 500, "publisher batch size")
+	c.String(&rates, "rates", "2000", "comma-separated offered rates (events/s) for the latency runs")
+	c.Duration(&cfg.Duration, "duration", 20*time.Second, "length of each latency run")
+	c.Int(&cfg.Writers, "writers", 4, "concurrent writers in the writer-throughput runs")
+	c.Bool(&noIdle, "no-idle", false, "skip the idle CPU and memory measurement")
+	c.Bool(&asJSON, "json", false, "print one JSON object")
+	if err := c.parse(args, stdout); err != nil {
+		return err
+	}
+	if cfg.Events < 1 || cfg.Payload < 2 || cfg.Entities < 1 || cfg.BatchSize < 1 || cfg.Writers < 1 || cfg.Duration <= 0 {
+		return usagef("bench: --events, --entities, --batch-size and --writers must be at least 1, --payload at least 2, --duration positive")
+	}
+	for _, r := range strings.Split(rates, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(r))
+		if err != nil || n < 1 {
+			return usagef("bench: --rates %q: use positive integers separated by commas", rates)
+		}
+		cfg.Rates = append(cfg.Rates, n)
+	}
+	cfg.DatabaseURL, cfg.NATSURL = o.databaseURL, natsURL
+	cfg.Progress = stderr
+	if f, ok := stderr.(*os.File); ok {
+		if fi, err := f.Stat(); err == nil && fi.Mode()&os.ModeCharDevice != 0 {
+			cfg.TTY = true
+		}
+	}
+	if !noIdle {
+		exe, err := os.Executable()
+		if err != nil {
+			return fmt.Errorf("find the publisher binary for the idle measurement: %w (or pass --no-idle)", err)
+		}
+		cfg.PublisherBin = exe
+	}
+	res, err := bench.Run(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	if asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(res)
+	}
+	printBench(stdout, res)
+	return nil
+}
+
+func printBench(w io.Writer, r *bench.Result) {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
+	m := r.Machine
+	fmt.Fprintf(w, "machine: %s, %d cores, %s, PostgreSQL %s, NATS %s (%s storage)\n",
+		m.CPU, m.Cores, m.OS, m.Postgres, m.NATS, m.Storage)
+	fmt.Fprintf(w, "workload: %d events, %d-byte payloads, %d entities, batch %d\n\n",
+		r.Settings.Events, r.Settings.Payload, r.Settings.Entities, r.Settings.BatchSize)
+	fmt.Fprintf(tw, "database limit (claim+mark)\t%.0f\tevents/s\t\n", r.DBLimit)
+	fmt.Fprintf(tw, "NATS limit (async publish)\t%.0f\tevents/s\t\n", r.NATSLimit)
+	fmt.Fprintf(tw, "publisher drain\t%.0f\tevents/s\t\n", r.Drain)
+	fmt.Fprintf(tw, "drain ratio\t%.2f\t\t\n", r.DrainRatio)
+	fmt.Fprintf(tw, "writer, NOTIFY on\t%.0f\tevents/s\t\n", r.Write.NotifyOn)
+	fmt.Fprintf(tw, "writer, NOTIFY off\t%.0f\tevents/s\t\n", r.Write.NotifyOff)
+	if r.IdleCPU != nil {
+		fmt.Fprintf(tw, "idle publisher CPU\t%.2f\t%% of a core\t\n", *r.IdleCPU)
+		fmt.Fprintf(tw, "idle publisher RSS\t%.1f\tMiB\t\n", *r.RSSMiB)
+	}
+	tw.Flush()
+	lat := []bench.Latency{r.Latency}
+	if len(r.LatencyByRate) > 0 {
+		lat = lat[:0]
+		for _, l := range r.LatencyByRate {
+			lat = append(lat, l)
+		}
+	}
+	fmt.Fprintln(w, "\ncommit -> consumer latency (ms):")
+	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "offered/s\tachieved/s\tp50\tp95\tp99\tmax\t")
+	for _, l := range sortedByRate(lat) {
+		fmt.Fprintf(tw, "%d\t%.0f\t%.2f\t%.2f\t%.2f\t%.2f\t\n", l.Rate, l.AchievedRate, l.P50, l.P95, l.P99, l.Max)
+	}
+	tw.Flush()
+}
+
+func sortedByRate(l []bench.Latency) []bench.Latency {
+	for i := 1; i < len(l); i++ {
+		for j := i; j > 0 && l[j].Rate < l[j-1].Rate; j-- {
+			l[j], l[j-1] = l[j-1], l[j]
+		}
+	}
+	return l
+}

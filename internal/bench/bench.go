@@ -1,0 +1,342 @@
+// Package bench measures the outbox on the machine it runs on: the
+// database's and the broker's ceilings for this workload, how close the
+// publisher gets to them draining a backlog, commit-to-consumer latency at
+// offered rates, the writer's throughput with and without the NOTIFY
+// trigger, and an idle publisher's CPU and memory.
+//
+// Everything runs on scratch objects made for the run (a PostgreSQL schema
+// and a JetStream stream with unique names) and removed afterwards.
+package bench
+
+import (
+	"cmp"
+	"context"
+	"crypto/rand"
+	"database/sql"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"runtime"
+	"strings"
+	"time"
+
+	"github.com/jmoiron/sqlx"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/pgnats/outbox/pkg/outbox"
+	"github.com/pgnats/outbox/schema"
+)
+
+// Config says what to measure. Zero fields take the defaults in brackets.
+type Config struct {
+	DatabaseURL string
+	NATSURL     string
+	Events      int           // backlog drained [50000]
+	Payload     int           // payload bytes [256]
+	Entities    int           // entities the backlog spreads over [1000]
+	BatchSize   int           // publisher batch size [500]
+	Rates       []int         // offered rates for latency, events/s [2000]
+	Duration    time.Duration // length of each latency run [20s]
+	WriteFor    time.Duration // length of each writer-throughput run [3s]
+	Writers     int           // concurrent writer transactions [4]
+	IdleFor     time.Duration // idle window for CPU and RSS [10s]
+	// PublisherBin is the publisher binary whose idle cost is measured.
+	// Empty skips that measurement.
+	PublisherBin string
+	// Progress receives a progress bar (TTY) or lines. Nil: none.
+	Progress io.Writer
+	TTY      bool
+}
+
+func (c Config) withDefaults() Config {
+	c.Events = cmp.Or(c.Events, 50000)
+	c.Payload = cmp.Or(c.Payload, 256)
+	c.Entities = cmp.Or(c.Entities, 1000)
+	c.BatchSize = cmp.Or(c.BatchSize, 500)
+	if len(c.Rates) == 0 {
+		c.Rates = []int{2000}
+	}
+	c.Duration = cmp.Or(c.Duration, 20*time.Second)
+	c.WriteFor = cmp.Or(c.WriteFor, 3*time.Second)
+	c.Writers = cmp.Or(c.Writers, 4)
+	c.IdleFor = cmp.Or(c.IdleFor, 10*time.Second)
+	if c.Progress == nil {
+		c.Progress = io.Discard
+	}
+	return c
+}
+
+// Latency percentiles in milliseconds.
+type Latency struct {
+	Rate         int     `json:"rate"`
+	AchievedRate float64 `json:"achieved_rate"`
+	Samples      int     `json:"samples"`
+	P50          float64 `json:"p50"`
+	P95          float64 `json:"p95"`
+	P99          float64 `json:"p99"`
+	Max          float64 `json:"max"`
+}
+
+// Result is what Run measured. JSON keys are stable: scripts read them.
+type Result struct {
+	DBLimit       float64            `json:"db_limit_events_per_sec"`
+	NATSLimit     float64            `json:"nats_limit_events_per_sec"`
+	Drain         float64            `json:"drain_events_per_sec"`
+	DrainRatio    float64            `json:"drain_ratio"`
+	Latency       Latency            `json:"latency_ms"`
+	LatencyByRate map[string]Latency `json:"latency_by_rate,omitempty"`
+	Write         struct {
+		NotifyOn  float64 `json:"notify_on"`
+		NotifyOff float64 `json:"notify_off"`
+	} `json:"write_events_per_sec"`
+	IdleCPU  *float64 `json:"idle_cpu_percent"`
+	RSSMiB   *float64 `json:"rss_mib"`
+	Settings struct {
+		Events    int `json:"events"`
+		Payload   int `json:"payload_bytes"`
+		Entities  int `json:"entities"`
+		BatchSize int `json:"batch_size"`
+	} `json:"settings"`
+	Machine Machine `json:"machine"`
+}
+
+// Machine describes where the figures were measured.
+type Machine struct {
+	CPU      string `json:"cpu"`
+	Cores    int    `json:"cores"`
+	OS       string `json:"os"`
+	Go       string `json:"go"`
+	Postgres string `json:"postgres"`
+	NATS     string `json:"nats"`
+	Storage  string `json:"jetstream_storage"`
+}
+
+// env is one run's scratch schema, stream and connections.
+type env struct {
+	cfg    Config
+	db     *sqlx.DB
+	dsn    string
+	nc     *nats.Conn
+	js     jetstream.JetStream
+	stream string
+	prefix string
+	w      *outbox.Writer
+	prog   *progress
+}
+
+// Run measures everything Config asks for and cleans up after itself.
+func Run(ctx context.Context, cfg Config) (*Result, error) {
+	cfg = cfg.withDefaults()
+	e, cleanup, err := setup(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	defer cleanup()
+
+	res := &Result{LatencyByRate: map[string]Latency{}}
+	res.Settings.Events, res.Settings.Payload = cfg.Events, cfg.Payload
+	res.Settings.Entities, res.Settings.BatchSize = cfg.Entities, cfg.BatchSize
+	res.Machine = e.machine(ctx)
+
+	if res.DBLimit, err = e.drain(ctx, true); err != nil {
+		return nil, fmt.Errorf("database limit: %w", err)
+	}
+	if res.NATSLimit, err = e.natsLimit(ctx); err != nil {
+		return nil, fmt.Errorf("NATS limit: %w", err)
+	}
+	if res.Drain, err = e.drain(ctx, false); err != nil {
+		return nil, fmt.Errorf("drain: %w", err)
+	}
+	res.DrainRatio = res.Drain / min(res.DBLimit, res.NATSLimit)
+	for i, rate := range cfg.Rates {
+		l, err := e.latency(ctx, rate)
+		if err != nil {
+			return nil, fmt.Errorf("latency at %d/s: %w", rate, err)
+		}
+		if i == 0 {
+			res.Latency = l
+		}
+		res.LatencyByRate[fmt.Sprint(rate)] = l
+	}
+	if len(cfg.Rates) == 1 {
+		res.LatencyByRate = nil
+	}
+	if res.Write.NotifyOn, res.Write.NotifyOff, err = e.writeThroughput(ctx); err != nil {
+		return nil, fmt.Errorf("writer throughput: %w", err)
+	}
+	if cfg.PublisherBin != "" {
+		cpu, rss, err := e.idle(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("idle publisher: %w", err)
+		}
+		res.IdleCPU, res.RSSMiB = &cpu, &rss
+	}
+	return res, nil
+}
+
+func setup(ctx context.Context, cfg Config) (*env, func(), error) {
+	admin, err := sqlx.Open("postgres", cfg.DatabaseURL)
+	if err != nil {
+		return nil, nil, err
+	}
+	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := admin.PingContext(pctx); err != nil {
+		admin.Close()
+		return nil, nil, fmt.Errorf("PostgreSQL is unreachable: %w (start it, or set --database-url / DATABASE_URL)", err)
+	}
+	sfx := suffix()
+	schemaName := "bench_" + sfx
+	if _, err := admin.ExecContext(ctx, `CREATE SCHEMA `+schemaName); err != nil {
+		admin.Close()
+		return nil, nil, fmt.Errorf("create scratch schema: %w", err)
+	}
+	var cleanups []func()
+	cleanup := func() {
+		for i := len(cleanups) - 1; i >= 0; i-- {
+			cleanups[i]()
+		}
+	}
+	cleanups = append(cleanups, func() {
+		_, _ = admin.Exec(`DROP SCHEMA ` + schemaName + ` CASCADE`)
+		admin.Close()
+	})
+	fail := func(err error) (*env, func(), error) { cleanup(); return nil, nil, err }
+
+	e := &env{cfg: cfg, dsn: schema.WithSearchPath(cfg.DatabaseURL, schemaName), prefix: "bench" + sfx,
+		stream: "BENCH_" + strings.ToUpper(sfx), prog: &progress{w: cfg.Progress, tty: cfg.TTY}}
+	if e.db, err = sqlx.Open("postgres", e.dsn); err != nil {
+		return fail(err)
+	}
+	e.db.SetMaxOpenConns(32)
+	e.db.SetMaxIdleConns(32)
+	cleanups = append(cleanups, func() { e.db.Close() })
+	if _, err := schema.Migrate(ctx, e.db.DB, schema.Tables{}); err != nil {
+		return fail(fmt.Errorf("migrate scratch schema: %w", err))
+	}
+	if e.w, err = outbox.NewWriter(outbox.Config{}); err != nil {
+		return fail(err)
+	}
+	if e.nc, err = nats.Connect(cfg.NATSURL); err != nil {
+		return fail(fmt.Errorf("NATS is unreachable at %s: %w (start nats-server -js, or set --nats-url / NATS_URL)", cfg.NATSURL, err))
+	}
+	cleanups = append(cleanups, e.nc.Close)
+	if e.js, err = jetstream.New(e.nc); err != nil {
+		return fail(err)
+	}
+	if _, err := e.js.CreateStream(ctx, jetstream.StreamConfig{
+		Name: e.stream, Subjects: []string{e.prefix + ".>"}, Storage: jetstream.FileStorage, Duplicates: 2 * time.Minute,
+	}); err != nil {
+		return fail(fmt.Errorf("create scratch stream: %w", err))
+	}
+	cleanups = append(cleanups, func() {
+		dctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = e.js.DeleteStream(dctx, e.stream)
+	})
+	return e, cleanup, nil
+}
+
+func (e *env) machine(ctx context.Context) Machine {
+	m := Machine{Cores: runtime.NumCPU(), OS: runtime.GOOS + "/" + runtime.GOARCH, Go: runtime.Version(),
+		NATS: e.nc.ConnectedServerVersion(), Storage: "file"}
+	_ = e.db.GetContext(ctx, &m.Postgres, `SHOW server_version`)
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "model name" {
+				m.CPU = strings.TrimSpace(v)
+				break
+			}
+		}
+	}
+	return m
+}
+
+// reset empties the events table and the stream between measurements.
+func (e *env) reset(ctx context.Context) error {
+	if _, err := e.db.ExecContext(ctx, `TRUNCATE events`); err != nil {
+		return err
+	}
+	s, err := e.js.Stream(ctx, e.stream)
+	if err != nil {
+		return err
+	}
+	return s.Purge(ctx)
+}
+
+// prewrite writes n events over the configured entities in large
+// transactions.
+func (e *env) prewrite(ctx context.Context, n int, subject string) error {
+	payload := makePayload(e.cfg.Payload)
+	const chunk = 2000
+	e.prog.start("write backlog", n)
+	for done := 0; done < n; done += chunk {
+		k := min(chunk, n-done)
+		evs := make([]outbox.Event, k)
+		for i := range evs {
+			evs[i] = outbox.Event{EntityType: "bench", EntityID: fmt.Sprint((done + i) % e.cfg.Entities),
+				Type: "Tick", Subject: subject, Data: payload}
+		}
+		tx, err := e.db.BeginTx(ctx, nil)
+		if err != nil {
+			return err
+		}
+		if _, err := e.w.Write(ctx, tx, evs...); err != nil {
+			tx.Rollback() //nolint:errcheck
+			return err
+		}
+		if err := tx.Commit(); err != nil {
+			return err
+		}
+		e.prog.set(done + k)
+	}
+	e.prog.done()
+	return nil
+}
+
+// makePayload returns a JSON string payload of exactly n bytes (n >= 2).
+func makePayload(n int) []byte {
+	n = max(n, 2)
+	b := make([]byte, n)
+	b[0], b[n-1] = '"', '"'
+	for i := 1; i < n-1; i++ {
+		b[i] = 'a' + byte(i%26)
+	}
+	return b
+}
+
+var errTimeout = errors.New("timed out")
+
+// waitFor polls cond until it holds or d passes.
+func waitFor(ctx context.Context, d time.Duration, cond func() (bool, error)) error {
+	deadline := time.Now().Add(d)
+	for {
+		ok, err := cond()
+		if err != nil || ok {
+			return err
+		}
+		if time.Now().After(deadline) {
+			return errTimeout
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
+// exec runs a statement on the scratch schema.
+func (e *env) exec(ctx context.Context, q string) (sql.Result, error) {
+	return e.db.ExecContext(ctx, q)
+}
+
+// suffix returns a random name suffix for the run's scratch objects.
+func suffix() string {
+	b := make([]byte, 5)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}

@@ -1,0 +1,172 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/pgnats/outbox/internal/poller"
+	"github.com/pgnats/outbox/pkg/outbox"
+)
+
+// latency offers rate events/s, one event a transaction, for the
+// configured duration with the publisher running (NOTIFY on), and measures
+// each event from its transaction's commit to its receipt by a JetStream
+// consumer.
+func (e *env) latency(ctx context.Context, rate int) (Latency, error) {
+	if err := e.reset(ctx); err != nil {
+		return Latency{}, err
+	}
+	received := map[uuid.UUID]time.Time{}
+	var mu sync.Mutex
+	s, err := e.js.Stream(ctx, e.stream)
+	if err != nil {
+		return Latency{}, err
+	}
+	cons, err := s.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{e.prefix + ".lat"}, DeliverPolicy: jetstream.DeliverNewPolicy,
+	})
+	if err != nil {
+		return Latency{}, err
+	}
+	cc, err := cons.Consume(func(m jetstream.Msg) {
+		now := time.Now()
+		id, err := uuid.Parse(m.Headers().Get(outbox.HeaderEventID))
+		if err != nil {
+			return
+		}
+		mu.Lock()
+		received[id] = now
+		mu.Unlock()
+	})
+	if err != nil {
+		return Latency{}, err
+	}
+	defer cc.Stop()
+
+	p, err := poller.New(poller.Config{DB: e.db.DB, DSN: e.dsn, NATS: e.nc, BatchSize: e.cfg.BatchSize})
+	if err != nil {
+		return Latency{}, err
+	}
+	rctx, cancel := context.WithCancel(ctx)
+	var pwg sync.WaitGroup
+	pwg.Add(1)
+	go func() {
+		defer pwg.Done()
+		_ = p.Run(rctx)
+	}()
+	defer func() { cancel(); pwg.Wait() }()
+	if err := waitFor(ctx, 10*time.Second, func() (bool, error) { return p.Stats().Leader, nil }); err != nil {
+		return Latency{}, fmt.Errorf("publisher did not start: %w", err)
+	}
+
+	total := int(float64(rate) * e.cfg.Duration.Seconds())
+	committed, elapsed, err := e.offer(ctx, rate, total)
+	if err != nil {
+		return Latency{}, err
+	}
+	e.prog.start(fmt.Sprintf("latency drain %d/s", rate), len(committed))
+	err = waitFor(ctx, 60*time.Second, func() (bool, error) {
+		mu.Lock()
+		n := len(received)
+		mu.Unlock()
+		e.prog.set(n)
+		return n >= len(committed), nil
+	})
+	e.prog.done()
+	if err != nil {
+		return Latency{}, fmt.Errorf("waiting for %d events: %w", len(committed), err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	ms := make([]float64, 0, len(committed))
+	for id, at := range committed {
+		ms = append(ms, float64(received[id].Sub(at))/float64(time.Millisecond))
+	}
+	slices.Sort(ms)
+	q := func(f float64) float64 { return ms[min(len(ms)-1, int(f*float64(len(ms))))] }
+	return Latency{Rate: rate, AchievedRate: float64(len(ms)) / elapsed.Seconds(), Samples: len(ms),
+		P50: q(0.50), P95: q(0.95), P99: q(0.99), Max: ms[len(ms)-1]}, nil
+}
+
+// offer writes total events at rate events/s, one per transaction, from a
+// pool of writers, and returns each event's commit time.
+func (e *env) offer(ctx context.Context, rate, total int) (map[uuid.UUID]time.Time, time.Duration, error) {
+	writers := max(8, min(64, rate/250))
+	tokens := make(chan int, writers)
+	payload := makePayload(e.cfg.Payload)
+	type commit struct {
+		id uuid.UUID
+		at time.Time
+	}
+	results := make(chan []commit, writers)
+	errs := make(chan error, writers)
+	for range writers {
+		go func() {
+			var mine []commit
+			defer func() { results <- mine }()
+			for i := range tokens {
+				tx, err := e.db.BeginTx(ctx, nil)
+				if err != nil {
+					errs <- err
+					return
+				}
+				ids, err := e.w.Write(ctx, tx, outbox.Event{EntityType: "bench", EntityID: fmt.Sprint(i % e.cfg.Entities),
+					Type: "Tick", Subject: e.prefix + ".lat", Data: payload})
+				if err != nil {
+					tx.Rollback() //nolint:errcheck
+					errs <- err
+					return
+				}
+				if err := tx.Commit(); err != nil {
+					errs <- err
+					return
+				}
+				mine = append(mine, commit{ids[0], time.Now()})
+			}
+		}()
+	}
+	e.prog.start(fmt.Sprintf("offer %d/s", rate), total)
+	start := time.Now()
+	interval := time.Second / time.Duration(rate)
+	var err error
+feed:
+	for i := range total {
+		if d := time.Until(start.Add(time.Duration(i) * interval)); d > time.Millisecond {
+			time.Sleep(d)
+		}
+		select {
+		case tokens <- i:
+		case err = <-errs:
+			break feed
+		case <-ctx.Done():
+			err = ctx.Err()
+			break feed
+		}
+		if i%500 == 0 {
+			e.prog.set(i)
+		}
+	}
+	close(tokens)
+	out := make(map[uuid.UUID]time.Time, total)
+	for range writers {
+		for _, c := range <-results {
+			out[c.id] = c.at
+		}
+	}
+	elapsed := time.Since(start)
+	e.prog.set(total)
+	e.prog.done()
+	if err == nil {
+		select {
+		case err = <-errs:
+		default:
+		}
+	}
+	return out, elapsed, err
+}
