@@ -34,12 +34,23 @@ CREATE INDEX IF NOT EXISTS {{.BlockedIndex}} ON {{.Events}} (entity_type, entity
 -- An entity's history, in seq order.
 CREATE INDEX IF NOT EXISTS {{.EntityIndex}} ON {{.Events}} (entity_type, entity_id, seq);
 
--- One notification per INSERT statement, no payload, delivered at commit:
--- it only wakes the publisher, which then polls.
+-- Wakes a sleeping publisher. One notification per INSERT statement at
+-- most, with no payload, delivered at commit; the publisher then polls.
+--
+-- NOTIFY is costly for writers: a committing transaction that sent one holds
+-- a database-wide lock until its commit record is flushed, so such commits
+-- cannot share a WAL flush. So the trigger notifies only while a publisher
+-- sleeps, which the publisher shows by holding the advisory lock
+-- ({{.SleepNamespace}}, table oid). A working publisher polls on its own.
+-- Otherwise the trigger takes that lock shared until commit, which keeps a
+-- publisher from going to sleep while this insert is uncommitted: it could
+-- not see the row, and would not be woken for it.
 CREATE OR REPLACE FUNCTION {{.NotifyFunc}}() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify({{.ChannelLiteral}}, '');
+    IF NOT pg_try_advisory_xact_lock_shared({{.SleepNamespace}}, TG_RELID::int) THEN
+        PERFORM pg_notify('outbox_' || TG_RELID::text, '');
+    END IF;
     RETURN NULL;
 END;
 $$;

@@ -39,6 +39,11 @@ const (
 // or schema-qualified SQL identifier.
 var ErrInvalidName = errors.New("invalid table name")
 
+// SleepLockNamespace is the first key of the advisory lock a publisher
+// holds, with the events table's oid as the second, while it sleeps waiting
+// for NOTIFY. The insert trigger notifies only while that lock is held.
+const SleepLockNamespace = 0x6f627833 // "obx3"
+
 // maxIdent is PostgreSQL's identifier length limit (NAMEDATALEN-1).
 const maxIdent = 63
 
@@ -76,10 +81,6 @@ func (t Tables) Validate() error {
 	}
 	if ev, _ := ParseName(t.Events); len(ev.Table)+longestSuffix > maxIdent {
 		return fmt.Errorf("%w: %q: events table name must be at most %d characters", ErrInvalidName, t.Events, maxIdent-longestSuffix)
-	}
-	// pg_notify refuses a longer channel, which would fail every INSERT.
-	if ch := Channel(t.Events); len(ch) > maxIdent {
-		return fmt.Errorf("%w: %q: its NOTIFY channel %q is over %d characters; use a shorter schema or table name", ErrInvalidName, t.Events, ch, maxIdent)
 	}
 	return nil
 }
@@ -127,18 +128,10 @@ func (n Name) sibling(suffix string) Name {
 	return Name{Schema: n.Schema, Table: n.Table + suffix}
 }
 
-// Channel returns the LISTEN/NOTIFY channel of the events table: the
-// publisher listens on it and the insert trigger notifies it.
-func Channel(events string) string {
-	n, err := ParseName(cmp.Or(events, DefaultEvents))
-	if err != nil {
-		return ""
-	}
-	if n.Schema == "" {
-		return n.Table + "_ready"
-	}
-	return n.Schema + "_" + n.Table + "_ready"
-}
+// Channel returns the LISTEN/NOTIFY channel of the events table whose oid
+// is tableOID: the insert trigger notifies "outbox_<oid>", so tables of the
+// same name in different schemas never wake each other's publishers.
+func Channel(tableOID int64) string { return "outbox_" + strconv.FormatInt(tableOID, 10) }
 
 // Migration is one numbered step of the schema, rendered for a set of
 // table names.
@@ -193,7 +186,7 @@ func templateVars(t Tables) map[string]string {
 		"EntityIndex":      pq.QuoteIdentifier(ev.Table + "_entity_idx"),
 		"NotifyTrigger":    pq.QuoteIdentifier(ev.Table + "_notify"),
 		"NotifyFunc":       ev.sibling("_notify").Quoted(),
-		"ChannelLiteral":   pq.QuoteLiteral(Channel(t.Events)),
+		"SleepNamespace":   strconv.Itoa(SleepLockNamespace),
 		"ProcessedAtIndex": pq.QuoteIdentifier(pr.Table + "_processed_at_idx"),
 	}
 }

@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"sync"
 	"time"
+
+	"github.com/pgnats/outbox/schema"
 )
 
 // Leadership: one active publisher per events table.
@@ -186,4 +188,21 @@ func fenceSQL(nsParam, oidParam, pidParam int) string {
 		WHERE l.locktype = 'advisory' AND l.classid = $%d::bigint::oid
 		  AND l.objid = $%d::bigint::oid AND l.objsubid = 2
 		  AND l.pid = $%d AND l.granted)`, nsParam, oidParam, pidParam)
+}
+
+// trySleep takes the sleep lock on the leader's session (see the insert
+// trigger in schema/): from then on writers NOTIFY. It fails while a writer
+// that skipped its NOTIFY has not committed yet.
+func (l *leader) trySleep(ctx context.Context) (bool, error) {
+	var ok bool
+	err := l.conn.QueryRowContext(ctx, `SELECT pg_try_advisory_lock($1, $2::bigint::oid::int)`,
+		schema.SleepLockNamespace, l.tableOID).Scan(&ok)
+	return ok, err
+}
+
+// wake releases the sleep lock: writers stop sending NOTIFY.
+func (l *leader) wake(ctx context.Context) error {
+	_, err := l.conn.ExecContext(ctx, `SELECT pg_advisory_unlock($1, $2::bigint::oid::int)`,
+		schema.SleepLockNamespace, l.tableOID)
+	return err
 }

@@ -46,6 +46,22 @@ import (
 	"github.com/pgnats/outbox/schema"
 )
 
+// Waiting between claims. A publisher that found work within idleAfter
+// polls again after activePoll; writers send no NOTIFY meanwhile. Once idle
+// longer, it takes the sleep lock (schema.SleepLockNamespace), which turns
+// the writers' NOTIFY on, looks once more and sleeps until a NOTIFY or
+// PollInterval. If the lock cannot be taken, a writer that skipped its
+// NOTIFY is still in its transaction, and the publisher keeps polling.
+//
+//	active   --idle for idleAfter, sleep lock taken-->  last look
+//	last look --found rows-->                            active (lock released)
+//	last look --nothing-->                               asleep
+//	asleep   --NOTIFY or PollInterval-->                 active (lock released)
+const (
+	activePoll = 2 * time.Millisecond
+	idleAfter  = 250 * time.Millisecond
+)
+
 // Config configures a Poller. DB, DSN and NATS are required; every other
 // zero field means its default.
 type Config struct {
@@ -200,7 +216,7 @@ func (p *Poller) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
 	if !p.cfg.NoListen {
 		l := pq.NewListener(p.cfg.DSN, 100*time.Millisecond, p.cfg.BackoffMax, p.listenerEvent)
-		if err := l.Listen(schema.Channel(p.cfg.Table)); err != nil {
+		if err := l.Listen(schema.Channel(p.tableOID)); err != nil {
 			p.log.Warn("listen failed; polling only until it reconnects", "err", err)
 		}
 		wg.Add(1)
@@ -216,11 +232,17 @@ func (p *Poller) Run(ctx context.Context) error {
 	defer p.stepDown()
 
 	bo := backoff{min: p.cfg.BackoffMin, max: p.cfg.BackoffMax}
+	var (
+		lastWork time.Time // when a claim last found rows
+		sleeping bool      // this session holds the sleep lock
+	)
 	for ctx.Err() == nil {
 		if !p.lead.leading() {
+			sleeping = false
 			if !p.elect(ctx, &bo) {
 				continue
 			}
+			lastWork = time.Now()
 		}
 		n, err := p.cycle(ctx)
 		switch {
@@ -229,6 +251,9 @@ func (p *Poller) Run(ctx context.Context) error {
 			p.stepDown()
 			continue
 		case err != nil:
+			if sleeping {
+				sleeping = !p.wakeUp(ctx)
+			}
 			p.backoffs.Add(1)
 			d := bo.next()
 			p.log.Warn("publish loop backing off", "err", err, "backoff", d)
@@ -236,12 +261,47 @@ func (p *Poller) Run(ctx context.Context) error {
 			continue
 		}
 		bo.reset()
-		if n < p.cfg.BatchSize {
-			p.sleep(ctx, p.cfg.PollInterval, wake)
+		if n > 0 {
+			lastWork = time.Now()
+		}
+		switch {
+		case n >= p.cfg.BatchSize:
+			// More may be waiting: claim again at once.
+		case sleeping:
+			// The last look, under the sleep lock, is done: sleep unless it
+			// found work, then stop the writers' NOTIFYs.
+			if n == 0 {
+				p.sleep(ctx, p.cfg.PollInterval, wake)
+			}
+			sleeping = !p.wakeUp(ctx)
+			lastWork = time.Now()
+		case time.Since(lastWork) < idleAfter:
+			p.sleep(ctx, activePoll, wake)
+		case p.cfg.NoListen:
+			p.sleep(ctx, p.cfg.PollInterval, nil)
+		default:
+			ok, err := p.lead.trySleep(ctx)
+			if err != nil {
+				p.log.Warn("take sleep lock", "err", err)
+			}
+			if ok {
+				sleeping = true // look once more, then sleep
+				continue
+			}
+			p.sleep(ctx, activePoll, wake) // a writer is mid-transaction
 		}
 	}
 	p.log.Info("publisher stopped", "published", p.published.Load())
 	return nil
+}
+
+// wakeUp releases the sleep lock and reports whether it did.
+func (p *Poller) wakeUp(ctx context.Context) bool {
+	if err := p.lead.wake(context.WithoutCancel(ctx)); err != nil {
+		p.log.Warn("release sleep lock", "err", err)
+		return false
+	}
+	return true
 }
 
 // resolveTable finds the events table's oid, the key of its locks.

@@ -198,7 +198,7 @@ func Requeue(ctx context.Context, db *sql.DB, table string, f RequeueFilter, dry
 	n, _ := res.RowsAffected()
 	if n > 0 {
 		// An UPDATE fires no insert trigger: wake the publisher directly.
-		_, _ = db.ExecContext(ctx, `SELECT pg_notify($1, '')`, schema.Channel(table))
+		_, _ = db.ExecContext(ctx, `SELECT pg_notify('outbox_' || to_regclass($1)::oid::text, '')`, name.Quoted())
 	}
 	return n, nil
 }

@@ -551,14 +551,38 @@ func TestWriteNotifiesOnCommit(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
 	db := testenv.NewDB(t)
-	// The default table's channel ("events_ready") is shared by every
-	// schema of the database; a schema-qualified table has its own.
-	table := db.Schema + ".notify_events"
-	_, err := schema.Migrate(ctx, db.DB.DB, schema.Tables{Events: table, Processed: db.Schema + ".notify_processed"})
-	require.NoError(t, err)
-	w := newWriter(t, outbox.Config{Table: table})
-	l := listen(t, db, schema.Channel(table))
+	w := newWriter(t, outbox.Config{})
+	var oid int64
+	require.NoError(t, db.Get(&oid, `SELECT to_regclass('events')::oid::bigint`))
+	l := listen(t, db, schema.Channel(oid))
 
+	// A publisher holds this lock while it sleeps; the trigger notifies
+	// only then.
+	sleeper, err := db.Conn(ctx)
+	require.NoError(t, err)
+	t.Cleanup(func() { sleeper.Close() })
+	sleep := func(on bool) {
+		q := `SELECT pg_advisory_unlock($1, $2::bigint::oid::int)`
+		if on {
+			q = `SELECT pg_advisory_lock($1, $2::bigint::oid::int)`
+		}
+		_, err := sleeper.ExecContext(ctx, q, schema.SleepLockNamespace, oid)
+		require.NoError(t, err)
+	}
+	commitOne := func() {
+		tx, err := db.BeginTx(ctx, nil)
+		require.NoError(t, err)
+		_, err = w.Write(ctx, tx, validEvent())
+		require.NoError(t, err)
+		require.NoError(t, tx.Commit())
+	}
+
+	t.Run("no notification while no publisher sleeps", func(t *testing.T) {
+		commitOne()
+		require.Empty(t, l.received())
+	})
+
+	sleep(true)
 	t.Run("one notification for a multi-row write, only after commit", func(t *testing.T) {
 		tx, err := db.BeginTx(ctx, nil)
 		require.NoError(t, err)
@@ -580,31 +604,24 @@ func TestWriteNotifiesOnCommit(t *testing.T) {
 	})
 
 	t.Run("one notification per committed transaction", func(t *testing.T) {
-		for range 2 {
-			tx, err := db.BeginTx(ctx, nil)
-			require.NoError(t, err)
-			_, err = w.Write(ctx, tx, validEvent())
-			require.NoError(t, err)
-			require.NoError(t, tx.Commit())
-		}
+		commitOne()
+		commitOne()
 		require.Equal(t, []string{"", ""}, l.received())
 	})
-}
 
-func TestWriteNotifiesDefaultChannel(t *testing.T) {
-	t.Parallel()
-	ctx := context.Background()
-	db := testenv.NewDB(t)
-	w := newWriter(t, outbox.Config{})
-	// Other tests' schemas notify this channel too: only the arrival of at
-	// least one notification after commit can be asserted.
-	l := listen(t, db, schema.Channel("events"))
-	l.received() // drain what other tests sent
-
-	tx, err := db.BeginTx(ctx, nil)
-	require.NoError(t, err)
-	_, err = w.Write(ctx, tx, validEvent())
-	require.NoError(t, err)
-	require.NoError(t, tx.Commit())
-	require.Contains(t, l.received(), "")
+	t.Run("an uncommitted insert keeps the publisher from going to sleep", func(t *testing.T) {
+		sleep(false)
+		tx, err := db.BeginTx(ctx, nil)
+		require.NoError(t, err)
+		_, err = w.Write(ctx, tx, validEvent())
+		require.NoError(t, err)
+		var ok bool
+		require.NoError(t, sleeper.QueryRowContext(ctx, `SELECT pg_try_advisory_lock($1, $2::bigint::oid::int)`,
+			schema.SleepLockNamespace, oid).Scan(&ok))
+		require.False(t, ok, "sleep lock taken while a writer that skipped NOTIFY is uncommitted")
+		require.NoError(t, tx.Commit())
+		require.NoError(t, sleeper.QueryRowContext(ctx, `SELECT pg_try_advisory_lock($1, $2::bigint::oid::int)`,
+			schema.SleepLockNamespace, oid).Scan(&ok))
+		require.True(t, ok)
+	})
 }
