@@ -274,7 +274,6 @@ func (p *Poller) Run(ctx context.Context) error {
 				p.sleep(ctx, p.cfg.PollInterval, wake)
 			}
 			sleeping = !p.wakeUp(ctx)
-			lastWork = time.Now()
 		case time.Since(lastWork) < idleAfter:
 			p.sleep(ctx, activePoll, wake)
 		case p.cfg.NoListen:

@@ -36,10 +36,10 @@ func (p *Poller) cycle(ctx context.Context) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	p.log.Debug("claimed", "rows", len(rows))
 	if len(rows) == 0 {
 		return 0, tx.Rollback()
 	}
+	p.log.Debug("batch claimed", "rows", len(rows), "first_seq", rows[0].seq)
 	bctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.cfg.AckTimeout+markGrace)
 	defer cancel()
 	acked, refused, outage := p.publish(bctx, rows)
