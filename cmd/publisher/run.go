@@ -30,6 +30,9 @@ type runOptions struct {
 	streamSubjects  string
 	duplicateWindow time.Duration
 	streamStorage   string
+	backlogEvery    string
+	retentionEvery  string
+	retention       time.Duration
 }
 
 func runPublisher(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -56,6 +59,9 @@ flight, exit 0.`)
 	c.String(&o.streamSubjects, "stream-subjects", ">", "with --create-stream: comma-separated subjects the stream stores")
 	c.Duration(&o.duplicateWindow, "duplicate-window", 2*time.Minute, "with --create-stream: the stream's duplicate window")
 	c.String(&o.streamStorage, "stream-storage", "file", "with --create-stream: file or memory")
+	c.String(&o.backlogEvery, "backlog-schedule", "@every 1m", "cron schedule of the backlog log line (empty: off)")
+	c.String(&o.retentionEvery, "retention-schedule", "@every 10m", "cron schedule of the retention delete, when --retention is set")
+	c.Duration(&o.retention, "retention", 0, "delete SUCCESS events published longer ago than this (0: keep them; the table is also the entities' history)")
 	if err := c.parse(args, stdout); err != nil {
 		return err
 	}
@@ -71,6 +77,9 @@ flight, exit 0.`)
 		if d <= 0 {
 			return usagef("run: --%s must be positive, got %s", name, d)
 		}
+	}
+	if o.retention < 0 {
+		return usagef("run: --retention must not be negative")
 	}
 	if o.streamStorage != "file" && o.streamStorage != "memory" {
 		return usagef("run: --stream-storage %q: use file or memory", o.streamStorage)
@@ -113,6 +122,15 @@ flight, exit 0.`)
 		log.Warn("could not check streams at start", "err", err)
 	}
 	cancel()
+	hk := poller.Housekeeping{DB: db, Table: o.table, Logger: log, BacklogSchedule: o.backlogEvery}
+	if o.retention > 0 {
+		hk.RetentionSchedule, hk.Retention = o.retentionEvery, o.retention
+	}
+	stopHK, err := poller.StartHousekeeping(ctx, hk)
+	if err != nil {
+		return usageError{err}
+	}
+	defer stopHK()
 	return p.Run(ctx)
 }
 

@@ -1,0 +1,97 @@
+package poller
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/robfig/cron/v3"
+
+	"github.com/pgnats/outbox/schema"
+)
+
+// Housekeeping configures the publisher's scheduled chores. Schedules use
+// robfig/cron syntax ("@every 1m", "0 3 * * *"); an empty schedule turns a
+// chore off.
+type Housekeeping struct {
+	DB     *sql.DB
+	Table  string // events table
+	Logger *slog.Logger
+
+	// BacklogSchedule logs the READY backlog, its oldest age, the FAILED
+	// count and the blocked entities, for operators who grep logs.
+	BacklogSchedule string
+	// RetentionSchedule deletes SUCCESS events published more than
+	// Retention ago, in batches of deleteBatch rows. Off by default: the
+	// events table is also each entity's history.
+	RetentionSchedule string
+	Retention         time.Duration
+}
+
+// deleteBatch bounds each retention DELETE, so it never holds many row
+// locks or a long transaction next to the publish loop.
+const deleteBatch = 1000
+
+// StartHousekeeping schedules the chores h turns on and returns a function
+// that stops them and waits for a running one to finish.
+func StartHousekeeping(ctx context.Context, h Housekeeping) (stop func(), err error) {
+	name, err := schema.ParseName(h.Table)
+	if err != nil {
+		return nil, err
+	}
+	if h.RetentionSchedule != "" && h.Retention <= 0 {
+		return nil, fmt.Errorf("housekeeping: a retention schedule needs a positive retention")
+	}
+	c := cron.New(cron.WithLocation(time.UTC))
+	if h.BacklogSchedule != "" {
+		if _, err := c.AddFunc(h.BacklogSchedule, func() { h.logBacklog(ctx) }); err != nil {
+			return nil, fmt.Errorf("backlog schedule %q: %w", h.BacklogSchedule, err)
+		}
+	}
+	if h.RetentionSchedule != "" {
+		del := `DELETE FROM ` + name.Quoted() + ` WHERE event_id IN (
+			SELECT event_id FROM ` + name.Quoted() + `
+			WHERE event_status = 'SUCCESS' AND published_at < now() - $1 * interval '1 millisecond'
+			ORDER BY seq LIMIT ` + fmt.Sprint(deleteBatch) + `)`
+		if _, err := c.AddFunc(h.RetentionSchedule, func() { h.deleteOld(ctx, del) }); err != nil {
+			return nil, fmt.Errorf("retention schedule %q: %w", h.RetentionSchedule, err)
+		}
+	}
+	c.Start()
+	return func() { <-c.Stop().Done() }, nil
+}
+
+func (h Housekeeping) logBacklog(ctx context.Context) {
+	st, err := ReadStatus(ctx, h.DB, h.Table, 1)
+	if err != nil {
+		h.Logger.Warn("read backlog", "err", err)
+		return
+	}
+	age := time.Duration(0)
+	if st.OldestReadyAge != nil {
+		age = st.OldestReadyAge.Round(time.Millisecond)
+	}
+	h.Logger.Info("backlog", "ready", st.Counts["READY"], "retrying", st.Retrying, "oldest_ready_age", age,
+		"failed", st.Counts["FAILED"], "blocked_entities", st.BlockedTotal)
+}
+
+func (h Housekeeping) deleteOld(ctx context.Context, del string) {
+	var total int64
+	for ctx.Err() == nil {
+		res, err := h.DB.ExecContext(ctx, del, h.Retention.Milliseconds())
+		if err != nil {
+			h.Logger.Warn("delete published events past retention", "err", err, "deleted", total)
+			return
+		}
+		n, _ := res.RowsAffected()
+		total += n
+		if n < deleteBatch {
+			break
+		}
+	}
+	if total > 0 {
+		h.Logger.Info("deleted published events past retention", "deleted", total, "retention", h.Retention)
+	}
+}
