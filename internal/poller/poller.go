@@ -250,6 +250,8 @@ func (p *Poller) Run(ctx context.Context) error {
 			p.log.Warn("leadership lost; standing by", "err", err)
 			p.stepDown()
 			continue
+		case err != nil && ctx.Err() != nil:
+			continue // stopping: the error is the cancellation itself
 		case err != nil:
 			if sleeping {
 				sleeping = !p.wakeUp(ctx)
