@@ -1,0 +1,108 @@
+package integration
+
+import (
+	"context"
+	"encoding/json"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/stretchr/testify/require"
+
+	"github.com/pgnats/outbox/pkg/outbox"
+)
+
+// streamMsg is one message read back from a stream.
+type streamMsg struct {
+	msgID   string // Nats-Msg-Id
+	eventID string // outbox event id header
+	entity  string // entity id header
+	data    payload
+}
+
+// readStream reads every message of the stream, in stream order, with an
+// ordered consumer.
+func readStream(t *testing.T, js jetstream.JetStream, stream string) []streamMsg {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	s, err := js.Stream(ctx, stream)
+	require.NoError(t, err)
+	info, err := s.Info(ctx)
+	require.NoError(t, err)
+	want := int(info.State.Msgs)
+	cons, err := s.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{})
+	require.NoError(t, err)
+	out := make([]streamMsg, 0, want)
+	for len(out) < want {
+		batch, err := cons.Fetch(min(500, want-len(out)), jetstream.FetchMaxWait(5*time.Second))
+		require.NoError(t, err)
+		got := 0
+		for m := range batch.Messages() {
+			got++
+			h := m.Headers()
+			sm := streamMsg{msgID: h.Get(jetstream.MsgIDHeader), eventID: h.Get(outbox.HeaderEventID), entity: h.Get(outbox.HeaderEntityID)}
+			require.NoError(t, json.Unmarshal(m.Data(), &sm.data), "payload of %s", sm.msgID)
+			out = append(out, sm)
+		}
+		require.NoError(t, batch.Error())
+		require.NotZero(t, got, "stream %s: read %d of %d messages, then nothing", stream, len(out), want)
+	}
+	return out
+}
+
+// entitySequences returns, per entity, the numbers of its events in stream
+// order, counting each event id once (its first copy).
+func entitySequences(msgs []streamMsg) map[string][]int {
+	seen := map[string]bool{}
+	out := map[string][]int{}
+	for _, m := range msgs {
+		if seen[m.eventID] {
+			continue
+		}
+		seen[m.eventID] = true
+		out[m.data.Entity] = append(out[m.data.Entity], m.data.N)
+	}
+	return out
+}
+
+// requireInOrder checks that each entity's events are in the stream in
+// write order and complete: entity e's first copies read 1, 2, ...,
+// want[e], and no other entity is there.
+func requireInOrder(t *testing.T, msgs []streamMsg, want map[string]int) {
+	t.Helper()
+	got := entitySequences(msgs)
+	for e, n := range want {
+		require.Equal(t, upTo(n), got[e], "events of entity %s in stream order", e)
+	}
+	require.Len(t, got, len(want), "entities in the stream")
+}
+
+// upTo returns 1..n.
+func upTo(n int) []int {
+	s := make([]int, n)
+	for i := range s {
+		s[i] = i + 1
+	}
+	return s
+}
+
+// requireEachOnce checks that the stream holds exactly the events ids, each
+// once (the duplicate window dropped re-sends), with Nats-Msg-Id equal to
+// the event id.
+func requireEachOnce(t *testing.T, msgs []streamMsg, ids []string) {
+	t.Helper()
+	unique := map[string]int{}
+	for _, m := range msgs {
+		require.Equal(t, m.eventID, m.msgID, "Nats-Msg-Id is the event id")
+		require.Equal(t, m.data.Entity, m.entity, "entity header matches the payload")
+		unique[m.msgID]++
+	}
+	for id, n := range unique {
+		require.Equal(t, 1, n, "event %s is in the stream %d times", id, n)
+	}
+	require.Len(t, unique, len(ids), "distinct events in the stream")
+	for _, id := range ids {
+		require.Contains(t, unique, id, "event %s never reached the stream", id)
+	}
+}
