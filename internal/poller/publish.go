@@ -32,6 +32,7 @@ func (p *Poller) cycle(ctx context.Context) (int, error) {
 		return 0, errLostLeadership
 	default:
 	}
+	start := time.Now()
 	tx, rows, err := p.claim(ctx, p.cfg.BatchSize)
 	if err != nil {
 		return 0, err
@@ -42,18 +43,21 @@ func (p *Poller) cycle(ctx context.Context) (int, error) {
 	p.log.Debug("batch claimed", "rows", len(rows), "first_seq", rows[0].seq)
 	bctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.cfg.AckTimeout+markGrace)
 	defer cancel()
-	acked, refused, outage := p.publish(bctx, rows)
+	acked, refused, outage := p.publish(ctx, bctx, rows)
 	if err := p.mark(bctx, tx, acked, refused); err != nil {
 		return len(rows), err
 	}
 	p.batches.Add(1)
+	p.cfg.Metrics.batch(len(rows), len(acked), start)
 	p.published.Add(int64(len(acked)))
 	p.refused.Add(int64(len(refused)))
 	for _, r := range refused {
 		if r.permanent || p.attemptsOf(rows, r.id)+1 >= p.cfg.MaxAttempts {
 			p.failed.Add(1)
+			p.cfg.Metrics.outcome(OutcomeFailed)
 			p.log.Error("event failed for good", "event_id", r.id, "reason", r.reason)
 		} else {
+			p.cfg.Metrics.outcome(OutcomeRetried)
 			p.log.Warn("event refused; will retry", "event_id", r.id, "reason", r.reason)
 		}
 	}
@@ -69,14 +73,17 @@ func (p *Poller) attemptsOf(rows []row, id string) int {
 	return 0
 }
 
-// publish sends rows in seq order and waits for their acks. It returns the
+// publish sends rows in seq order and waits for their acks. Sending stops
+// when ctx ends (the pre-send check asks JetStream under ctx); waiting for
+// the acks of what was sent, and sorting errors, run under bctx. It returns the
 // acked ids, the refused rows, and a non-nil outage error when the broker
 // could not be reached or did not answer in time; rows in neither list stay
 // READY untouched.
-func (p *Poller) publish(ctx context.Context, rows []row) (acked []string, refused []refusal, outage error) {
+func (p *Poller) publish(ctx, bctx context.Context, rows []row) (acked []string, refused []refusal, outage error) {
 	type inflight struct {
 		r   *row
 		paf jetstream.PubAckFuture
+		at  time.Time // when it was sent
 	}
 	if p.cfg.SkipPublish {
 		for i := range rows {
@@ -112,7 +119,7 @@ func (p *Poller) publish(ctx context.Context, rows []row) (acked []string, refus
 			outage = fmt.Errorf("publish %s: %w", r.id, err)
 			continue
 		}
-		sent = append(sent, inflight{r: r, paf: paf})
+		sent = append(sent, inflight{r: r, paf: paf, at: time.Now()})
 	}
 
 	deadline := time.NewTimer(p.cfg.AckTimeout)
@@ -120,9 +127,10 @@ func (p *Poller) publish(ctx context.Context, rows []row) (acked []string, refus
 	for _, s := range sent {
 		select {
 		case <-s.paf.Ok():
+			p.cfg.Metrics.acked(s.at)
 			acked = append(acked, s.r.id)
 		case err := <-s.paf.Err():
-			reason, permanent, out := p.classify(ctx, s.r.subject, err)
+			reason, permanent, out := p.classify(bctx, s.r.subject, err)
 			if out != nil {
 				outage = firstErr(outage, out)
 				continue
