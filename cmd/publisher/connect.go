@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"database/sql"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -10,7 +11,7 @@ import (
 	"regexp"
 	"time"
 
-	_ "github.com/lib/pq" // PostgreSQL driver
+	"github.com/lib/pq"
 	"github.com/nats-io/nats.go"
 )
 
@@ -67,11 +68,18 @@ func openDB(ctx context.Context, dsn string) (*sql.DB, error) {
 func pingDB(ctx context.Context, db *sql.DB, dsn string) error {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	if err := db.PingContext(ctx); err != nil {
-		return fmt.Errorf("PostgreSQL is unreachable at %s: %w\n"+
-			"  start PostgreSQL there, or point --database-url (or DATABASE_URL) at a running server", redact(dsn), err)
+	err := db.PingContext(ctx)
+	var pqErr *pq.Error
+	switch {
+	case err == nil:
+		return nil
+	case errors.As(err, &pqErr):
+		// The server answered: the address is right, the login is not.
+		return fmt.Errorf("PostgreSQL at %s refused the connection: %w\n"+
+			"  check the user, password and database name in --database-url (or DATABASE_URL)", redact(dsn), err)
 	}
-	return nil
+	return fmt.Errorf("PostgreSQL is unreachable at %s: %w\n"+
+		"  start PostgreSQL there, or point --database-url (or DATABASE_URL) at a running server", redact(dsn), err)
 }
 
 var passwordKV = regexp.MustCompile(`(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)`)

@@ -66,6 +66,9 @@ func ReadStatus(ctx context.Context, db *sql.DB, table string, limit int) (*Stat
 	st := &Status{Table: name.String(), Counts: map[string]int{"READY": 0, "SUCCESS": 0, "FAILED": 0}}
 
 	rows, err := db.QueryContext(ctx, `SELECT event_status, count(*) FROM `+t+` GROUP BY event_status`)
+	if pqErr := (*pq.Error)(nil); errors.As(err, &pqErr) && pqErr.Code == "42P01" {
+		return nil, fmt.Errorf("events table %s does not exist: run 'publisher migrate' first, or check --table and the database's search_path", name)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("count events: %w", err)
 	}
