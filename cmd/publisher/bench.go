@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -19,6 +20,8 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		o              common
 		natsURL, rates string
 		asJSON, noIdle bool
+		sweep          bool
+		plotFile       string
 		cfg            bench.Config
 	)
 	c := newCommand("bench", "", `
@@ -38,6 +41,9 @@ Takes about a minute with the defaults.`)
 	c.Duration(&cfg.Duration, "duration", 20*time.Second, "length of each latency run")
 	c.Int(&cfg.Writers, "writers", 4, "concurrent writers in the writer-throughput runs")
 	c.Bool(&noIdle, "no-idle", false, "skip the idle CPU and memory measurement")
+	c.Bool(&sweep, "sweep", false, "also sweep latency over 500..20000 events/s and drain over batch sizes 50..2000")
+	c.Duration(&cfg.SweepDuration, "sweep-duration", 5*time.Second, "with --sweep: length of each latency run")
+	c.String(&plotFile, "plot", "", "with --sweep: write a PNG plot of the sweep to this file")
 	c.Bool(&asJSON, "json", false, "print one JSON object")
 	if err := c.parse(args, stdout); err != nil {
 		return err
@@ -51,6 +57,13 @@ Takes about a minute with the defaults.`)
 			return usagef("bench: --rates %q: use positive integers separated by commas", rates)
 		}
 		cfg.Rates = append(cfg.Rates, n)
+	}
+	if plotFile != "" && !sweep {
+		return usagef("bench: --plot needs --sweep")
+	}
+	if sweep {
+		cfg.SweepRates = []int{500, 1000, 2000, 5000, 10000, 20000}
+		cfg.SweepBatches = []int{50, 100, 250, 500, 1000, 2000}
 	}
 	cfg.DatabaseURL, cfg.NATSURL = o.databaseURL, natsURL
 	cfg.Progress = stderr
@@ -70,6 +83,11 @@ Takes about a minute with the defaults.`)
 	if err != nil {
 		return err
 	}
+	if plotFile != "" {
+		if err := writePlot(plotFile, res.Sweep); err != nil {
+			return err
+		}
+	}
 	if asJSON {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
@@ -77,6 +95,18 @@ Takes about a minute with the defaults.`)
 	}
 	printBench(stdout, res)
 	return nil
+}
+
+func writePlot(path string, s *bench.Sweep) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return fmt.Errorf("plot: %w", err)
+	}
+	if err := bench.Plot(f, s); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
 
 func printBench(w io.Writer, r *bench.Result) {
@@ -103,21 +133,27 @@ func printBench(w io.Writer, r *bench.Result) {
 		for _, l := range r.LatencyByRate {
 			lat = append(lat, l)
 		}
+		slices.SortFunc(lat, func(a, b bench.Latency) int { return a.Rate - b.Rate })
 	}
-	fmt.Fprintln(w, "\ncommit -> consumer latency (ms):")
-	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "offered/s\tachieved/s\tp50\tp95\tp99\tmax\t")
-	for _, l := range sortedByRate(lat) {
-		fmt.Fprintf(tw, "%d\t%.0f\t%.2f\t%.2f\t%.2f\t%.2f\t\n", l.Rate, l.AchievedRate, l.P50, l.P95, l.P99, l.Max)
+	printLatencies(w, "commit -> consumer latency (ms)", lat)
+	if r.Sweep != nil {
+		printLatencies(w, "sweep: latency (ms) by offered rate", r.Sweep.Latency)
+		fmt.Fprintln(w, "\nsweep: drain by batch size")
+		tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
+		fmt.Fprintln(tw, "batch\tevents/s\t")
+		for _, d := range r.Sweep.Drain {
+			fmt.Fprintf(tw, "%d\t%.0f\t\n", d.BatchSize, d.EventsPerSec)
+		}
+		tw.Flush()
 	}
-	tw.Flush()
 }
 
-func sortedByRate(l []bench.Latency) []bench.Latency {
-	for i := 1; i < len(l); i++ {
-		for j := i; j > 0 && l[j].Rate < l[j-1].Rate; j-- {
-			l[j], l[j-1] = l[j-1], l[j]
-		}
+func printLatencies(w io.Writer, title string, lat []bench.Latency) {
+	fmt.Fprintf(w, "\n%s:\n", title)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "offered/s\tevents/tx\tachieved/s\tp50\tp95\tp99\tmax\t")
+	for _, l := range lat {
+		fmt.Fprintf(tw, "%d\t%d\t%.0f\t%.2f\t%.2f\t%.2f\t%.2f\t\n", l.Rate, l.EventsPerTx, l.AchievedRate, l.P50, l.P95, l.P99, l.Max)
 	}
-	return l
+	tw.Flush()
 }

@@ -43,6 +43,11 @@ type Config struct {
 	WriteFor    time.Duration // length of each writer-throughput run [3s]
 	Writers     int           // concurrent writer transactions [4]
 	IdleFor     time.Duration // idle window for CPU and RSS [10s]
+	// SweepRates and SweepBatches, when set, add a sweep: latency at each
+	// rate for SweepDuration, and drain throughput at each batch size.
+	SweepRates    []int
+	SweepBatches  []int
+	SweepDuration time.Duration // [5s]
 	// PublisherBin is the publisher binary whose idle cost is measured.
 	// Empty skips that measurement.
 	PublisherBin string
@@ -63,6 +68,7 @@ func (c Config) withDefaults() Config {
 	c.WriteFor = cmp.Or(c.WriteFor, 3*time.Second)
 	c.Writers = cmp.Or(c.Writers, 4)
 	c.IdleFor = cmp.Or(c.IdleFor, 10*time.Second)
+	c.SweepDuration = cmp.Or(c.SweepDuration, 5*time.Second)
 	if c.Progress == nil {
 		c.Progress = io.Discard
 	}
@@ -72,6 +78,7 @@ func (c Config) withDefaults() Config {
 // Latency percentiles in milliseconds.
 type Latency struct {
 	Rate         int     `json:"rate"`
+	EventsPerTx  int     `json:"events_per_tx"`
 	AchievedRate float64 `json:"achieved_rate"`
 	Samples      int     `json:"samples"`
 	P50          float64 `json:"p50"`
@@ -101,6 +108,20 @@ type Result struct {
 		BatchSize int `json:"batch_size"`
 	} `json:"settings"`
 	Machine Machine `json:"machine"`
+	Sweep   *Sweep  `json:"sweep,omitempty"`
+}
+
+// Sweep is latency across offered rates and drain throughput across batch
+// sizes.
+type Sweep struct {
+	Latency []Latency    `json:"latency"`
+	Drain   []DrainPoint `json:"drain"`
+}
+
+// DrainPoint is the drain throughput at one batch size.
+type DrainPoint struct {
+	BatchSize    int     `json:"batch_size"`
+	EventsPerSec float64 `json:"events_per_sec"`
 }
 
 // Machine describes where the figures were measured.
@@ -141,18 +162,18 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	res.Settings.Entities, res.Settings.BatchSize = cfg.Entities, cfg.BatchSize
 	res.Machine = e.machine(ctx)
 
-	if res.DBLimit, err = e.drain(ctx, true); err != nil {
+	if res.DBLimit, err = e.drain(ctx, true, cfg.BatchSize); err != nil {
 		return nil, fmt.Errorf("database limit: %w", err)
 	}
 	if res.NATSLimit, err = e.natsLimit(ctx); err != nil {
 		return nil, fmt.Errorf("NATS limit: %w", err)
 	}
-	if res.Drain, err = e.drain(ctx, false); err != nil {
+	if res.Drain, err = e.drain(ctx, false, cfg.BatchSize); err != nil {
 		return nil, fmt.Errorf("drain: %w", err)
 	}
 	res.DrainRatio = res.Drain / min(res.DBLimit, res.NATSLimit)
 	for i, rate := range cfg.Rates {
-		l, err := e.latency(ctx, rate)
+		l, err := e.latency(ctx, rate, cfg.Duration)
 		if err != nil {
 			return nil, fmt.Errorf("latency at %d/s: %w", rate, err)
 		}
@@ -166,6 +187,23 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	}
 	if res.Write.NotifyOn, res.Write.NotifyOff, err = e.writeThroughput(ctx); err != nil {
 		return nil, fmt.Errorf("writer throughput: %w", err)
+	}
+	if len(cfg.SweepRates) > 0 || len(cfg.SweepBatches) > 0 {
+		res.Sweep = &Sweep{}
+		for _, rate := range cfg.SweepRates {
+			l, err := e.latency(ctx, rate, cfg.SweepDuration)
+			if err != nil {
+				return nil, fmt.Errorf("sweep latency at %d/s: %w", rate, err)
+			}
+			res.Sweep.Latency = append(res.Sweep.Latency, l)
+		}
+		for _, b := range cfg.SweepBatches {
+			eps, err := e.drain(ctx, false, b)
+			if err != nil {
+				return nil, fmt.Errorf("sweep drain at batch %d: %w", b, err)
+			}
+			res.Sweep.Drain = append(res.Sweep.Drain, DrainPoint{BatchSize: b, EventsPerSec: eps})
+		}
 	}
 	if cfg.PublisherBin != "" {
 		cpu, rss, err := e.idle(ctx)

@@ -2,6 +2,7 @@ package bench
 
 import (
 	"context"
+	"fmt"
 	"sync"
 	"time"
 
@@ -11,7 +12,7 @@ import (
 // drain pre-writes the backlog and measures how fast a publisher empties
 // it: with skipPublish, claim and mark alone (the database's ceiling);
 // without, the real loop.
-func (e *env) drain(ctx context.Context, skipPublish bool) (float64, error) {
+func (e *env) drain(ctx context.Context, skipPublish bool, batch int) (float64, error) {
 	if err := e.reset(ctx); err != nil {
 		return 0, err
 	}
@@ -19,14 +20,14 @@ func (e *env) drain(ctx context.Context, skipPublish bool) (float64, error) {
 		return 0, err
 	}
 	p, err := poller.New(poller.Config{
-		DB: e.db.DB, DSN: e.dsn, NATS: e.nc, BatchSize: e.cfg.BatchSize, SkipPublish: skipPublish,
+		DB: e.db.DB, DSN: e.dsn, NATS: e.nc, BatchSize: batch, SkipPublish: skipPublish,
 	})
 	if err != nil {
 		return 0, err
 	}
-	name := "drain (publisher)"
+	name := fmt.Sprintf("drain, batch %d", batch)
 	if skipPublish {
-		name = "drain (database only)"
+		name = "claim+mark only"
 	}
 	rctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
