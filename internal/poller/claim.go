@@ -28,6 +28,7 @@ func (r *row) entity() string { return r.entityType + "\x00" + r.entityID }
 
 // queries holds the SQL of one events table, built once from its quoted name.
 type queries struct {
+	probe     string
 	begin     string
 	claim     string
 	markDone  string
@@ -36,10 +37,16 @@ type queries struct {
 
 // newQueries builds the claim and mark statements.
 //
+// Probe, before claiming: one statement without parameters (one round trip
+// in the simple query protocol) that says whether any row is due, so an
+// idle publisher's frequent polls stay cheap.
+//
 // Claim, in one transaction that stays open until the mark:
 //
-//  1. take the barrier key shared (see leader.go) and bound how long the
-//     transaction may sit idle, so a frozen leader's row locks expire;
+//  1. take the barrier key shared (see leader.go), bound how long the
+//     transaction may sit idle, so a frozen leader's row locks expire, and
+//     commit asynchronously: a mark lost in a database crash only means the
+//     rows are sent again, which Nats-Msg-Id and pkg/dedup absorb;
 //  2. select READY rows that are due, in seq order, skipping rows locked by
 //     anyone else and rows whose entity has an earlier event that is FAILED
 //     or waiting for a retry (attempts > 0, available_at in the future);
@@ -50,18 +57,22 @@ type queries struct {
 // or FAILED. Both carry the fence; a mark that matches fewer rows than it
 // names means leadership was lost, and the transaction is rolled back.
 func newQueries(table string) queries {
-	return queries{
-		begin: `SELECT pg_advisory_xact_lock_shared($1, $2::bigint::oid::int),
-			set_config('idle_in_transaction_session_timeout', $3, true)`,
-		claim: `SELECT e.event_id, e.seq, e.event_target, e.event_type, e.entity_type, e.entity_id,
-				e.event_data, e.headers, e.attempts, e.created_at
-			FROM ` + table + ` e
-			WHERE e.event_status = 'READY' AND e.available_at <= now()
+	// due selects rows e that may be published now.
+	due := `e.event_status = 'READY' AND e.available_at <= now()
 			  AND NOT EXISTS (
 				SELECT 1 FROM ` + table + ` b
 				WHERE b.entity_type = e.entity_type AND b.entity_id = e.entity_id AND b.seq < e.seq
 				  AND (b.event_status = 'FAILED'
-				       OR (b.event_status = 'READY' AND b.attempts > 0 AND b.available_at > now())))
+				       OR (b.event_status = 'READY' AND b.attempts > 0 AND b.available_at > now())))`
+	return queries{
+		begin: `SELECT pg_advisory_xact_lock_shared($1, $2::bigint::oid::int),
+			set_config('idle_in_transaction_session_timeout', $3, true),
+			set_config('synchronous_commit', 'off', true)`,
+		probe: `SELECT EXISTS (SELECT 1 FROM ` + table + ` e WHERE ` + due + `)`,
+		claim: `SELECT e.event_id, e.seq, e.event_target, e.event_type, e.entity_type, e.entity_id,
+				e.event_data, e.headers, e.attempts, e.created_at
+			FROM ` + table + ` e
+			WHERE ` + due + `
 			  AND ` + fenceSQL(2, 3, 4) + `
 			ORDER BY e.seq
 			LIMIT $1
@@ -81,7 +92,23 @@ func newQueries(table string) queries {
 // claim opens the claim transaction and reads up to limit rows. The caller
 // must end tx.
 func (p *Poller) claim(ctx context.Context, limit int) (*sql.Tx, []row, error) {
-	tx, err := p.db.BeginTx(ctx, nil)
+	var due bool
+	if err := p.db.QueryRowContext(ctx, p.q.probe).Scan(&due); err != nil {
+		return nil, nil, fmt.Errorf("probe: %w", err)
+	}
+	if !due {
+		return nil, nil, nil
+	}
+	// Once begun, the transaction must outlive ctx: database/sql rolls a
+	// transaction back when its BeginTx context ends, and a cancelled Run
+	// still marks the batch it claimed. ctx only bounds the BEGIN itself.
+	txCtx, cancelTx := context.WithCancel(context.WithoutCancel(ctx))
+	stop := context.AfterFunc(ctx, cancelTx)
+	tx, err := p.db.BeginTx(txCtx, nil)
+	if !stop() && err == nil {
+		tx.Rollback() //nolint:errcheck
+		err = ctx.Err()
+	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("begin claim: %w", err)
 	}

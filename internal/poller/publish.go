@@ -38,6 +38,9 @@ func (p *Poller) cycle(ctx context.Context) (int, error) {
 		return 0, err
 	}
 	if len(rows) == 0 {
+		if tx == nil {
+			return 0, nil
+		}
 		return 0, tx.Rollback()
 	}
 	p.log.Debug("batch claimed", "rows", len(rows), "first_seq", rows[0].seq)
