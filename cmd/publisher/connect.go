@@ -100,18 +100,29 @@ func redact(dsn string) string {
 
 // connectNATS connects to NATS. With wait, a server that is down is retried
 // in the background (the publisher backs off until it returns); without,
-// an unreachable server is an error.
-func connectNATS(natsURL string, wait bool, log *slog.Logger) (*nats.Conn, error) {
+// an unreachable server is an error. onReconnect (if not nil) is called on
+// each reconnection.
+func connectNATS(natsURL string, wait bool, log *slog.Logger, onReconnect func()) (*nats.Conn, error) {
 	shown := redact(natsURL)
 	nc, err := nats.Connect(natsURL,
 		nats.Name("pgnats-outbox publisher"),
 		nats.RetryOnFailedConnect(wait),
 		nats.MaxReconnects(-1),
 		nats.ReconnectWait(250*time.Millisecond),
-		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+		// Fail publishes while disconnected instead of buffering them:
+		// buffered messages would overtake earlier ones lost in the
+		// disconnect and reorder an entity's events.
+		nats.ReconnectBufSize(-1),
+		nats.DisconnectErrHandler(func(c *nats.Conn, err error) {
+			if c.IsClosed() {
+				return // our own Close at shutdown
+			}
 			log.Warn("NATS disconnected; reconnecting", "url", shown, "err", err)
 		}),
 		nats.ReconnectHandler(func(c *nats.Conn) {
+			if onReconnect != nil {
+				onReconnect()
+			}
 			log.Info("NATS reconnected", "url", redact(c.ConnectedUrl()))
 		}),
 	)

@@ -355,7 +355,7 @@ func (b *broker) Close() error {
 // JetStream, or else starts an in-process server with JetStream. It reports
 // a fallback on out.
 func connectNATS(ctx context.Context, url string, out io.Writer) (*broker, error) {
-	nc, err := nats.Connect(url, nats.Timeout(pingTimeout), nats.Name("order-service demo"))
+	nc, err := nats.Connect(url, nats.Timeout(pingTimeout), nats.Name("order-service demo"), nats.ReconnectBufSize(-1))
 	if err == nil {
 		err = checkJetStream(ctx, nc)
 		if err == nil {
@@ -397,7 +397,7 @@ func startNATS(ctx context.Context) (*broker, error) {
 	go srv.Start()
 	if !srv.ReadyForConnections(10 * time.Second) {
 		err = errors.New("not ready within 10s")
-	} else if b.Conn, err = nats.Connect(srv.ClientURL(), nats.Name("order-service demo")); err == nil {
+	} else if b.Conn, err = nats.Connect(srv.ClientURL(), nats.Name("order-service demo"), nats.ReconnectBufSize(-1)); err == nil {
 		err = checkJetStream(ctx, b.Conn)
 	}
 	if err != nil {

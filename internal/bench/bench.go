@@ -258,7 +258,7 @@ func setup(ctx context.Context, cfg Config) (*env, func(), error) {
 	if e.w, err = outbox.NewWriter(outbox.Config{}); err != nil {
 		return fail(err)
 	}
-	if e.nc, err = nats.Connect(cfg.NATSURL); err != nil {
+	if e.nc, err = nats.Connect(cfg.NATSURL, nats.ReconnectBufSize(-1)); err != nil {
 		return fail(fmt.Errorf("NATS is unreachable at %s: %w (start nats-server -js, or set --nats-url / NATS_URL)", cfg.NATSURL, err))
 	}
 	cleanups = append(cleanups, e.nc.Close)

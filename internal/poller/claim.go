@@ -93,7 +93,11 @@ func newQueries(table string) queries {
 // must end tx.
 func (p *Poller) claim(ctx context.Context, limit int) (*sql.Tx, []row, error) {
 	var due bool
-	if err := p.db.QueryRowContext(ctx, p.q.probe).Scan(&due); err != nil {
+	probe, err := p.stmt(ctx, nil, p.q.probe)
+	if err == nil {
+		err = probe.QueryRowContext(ctx).Scan(&due)
+	}
+	if err != nil {
 		return nil, nil, fmt.Errorf("probe: %w", err)
 	}
 	if !due {
@@ -113,11 +117,20 @@ func (p *Poller) claim(ctx context.Context, limit int) (*sql.Tx, []row, error) {
 		return nil, nil, fmt.Errorf("begin claim: %w", err)
 	}
 	idle := fmt.Sprintf("%dms", p.idleInTx().Milliseconds())
-	if _, err := tx.ExecContext(ctx, p.q.begin, barrierNamespace, p.tableOID, idle); err != nil {
+	begin, err := p.stmt(ctx, tx, p.q.begin)
+	if err == nil {
+		_, err = begin.ExecContext(ctx, barrierNamespace, p.tableOID, idle)
+	}
+	if err != nil {
 		tx.Rollback() //nolint:errcheck
 		return nil, nil, fmt.Errorf("begin claim: %w", err)
 	}
-	rows, err := tx.QueryContext(ctx, p.q.claim, limit, leaderNamespace, p.tableOID, p.lead.pid)
+	claim, err := p.stmt(ctx, tx, p.q.claim)
+	if err != nil {
+		tx.Rollback() //nolint:errcheck
+		return nil, nil, fmt.Errorf("claim batch: %w", err)
+	}
+	rows, err := claim.QueryContext(ctx, limit, leaderNamespace, p.tableOID, p.lead.pid)
 	if err != nil {
 		tx.Rollback() //nolint:errcheck
 		return nil, nil, fmt.Errorf("claim batch: %w", err)
@@ -151,7 +164,11 @@ type refusal struct {
 func (p *Poller) mark(ctx context.Context, tx *sql.Tx, acked []string, refused []refusal) error {
 	defer tx.Rollback() //nolint:errcheck // no-op after commit
 	if len(acked) > 0 {
-		res, err := tx.ExecContext(ctx, p.q.markDone, pq.Array(acked), leaderNamespace, p.tableOID, p.lead.pid)
+		done, err := p.stmt(ctx, tx, p.q.markDone)
+		if err != nil {
+			return fmt.Errorf("mark published: %w", err)
+		}
+		res, err := done.ExecContext(ctx, pq.Array(acked), leaderNamespace, p.tableOID, p.lead.pid)
 		if err != nil {
 			return fmt.Errorf("mark published: %w", err)
 		}
@@ -186,4 +203,30 @@ func (r *row) userHeaders() (map[string]string, error) {
 		return nil, fmt.Errorf("headers: %w", err)
 	}
 	return h, nil
+}
+
+// stmt returns query prepared (once per pool connection, by database/sql),
+// bound to tx when tx is not nil. Prepared statements save a round trip and
+// the planning of each claim and mark. Only the loop goroutine calls it.
+func (p *Poller) stmt(ctx context.Context, tx *sql.Tx, query string) (*sql.Stmt, error) {
+	s, ok := p.stmts[query]
+	if !ok {
+		var err error
+		if s, err = p.db.PrepareContext(ctx, query); err != nil {
+			return nil, err
+		}
+		p.stmts[query] = s
+	}
+	if tx != nil {
+		return tx.StmtContext(ctx, s), nil
+	}
+	return s, nil
+}
+
+// closeStmts releases the prepared statements.
+func (p *Poller) closeStmts() {
+	for q, s := range p.stmts {
+		s.Close()
+		delete(p.stmts, q)
+	}
 }

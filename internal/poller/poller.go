@@ -58,7 +58,7 @@ import (
 //	last look --nothing-->                               asleep
 //	asleep   --NOTIFY or PollInterval-->                 active (lock released)
 const (
-	activePoll = 2 * time.Millisecond
+	activePoll = time.Millisecond
 	idleAfter  = 250 * time.Millisecond
 )
 
@@ -71,7 +71,10 @@ type Config struct {
 	// lock. It must reach PostgreSQL directly, not through a pooler in
 	// transaction mode.
 	DSN string
-	// NATS is the connection to publish on.
+	// NATS is the connection to publish on. Connect it with
+	// nats.ReconnectBufSize(-1): messages buffered during a reconnect are
+	// sent after it, behind earlier ones the disconnect lost, which breaks
+	// per-entity order. New refuses a connection with a buffer.
 	NATS *nats.Conn
 	// Table is the events table. Default "events".
 	Table string
@@ -99,6 +102,9 @@ type Config struct {
 	LeaderTimeout time.Duration
 	// Logger receives the loop's logs. Default: discard.
 	Logger *slog.Logger
+	// Metrics receives the loop's counters and histograms. Default: nil,
+	// record nothing.
+	Metrics *Metrics
 	// SkipPublish makes the loop claim and mark without publishing, to
 	// measure the database's share of the work (publisher bench). Never set
 	// it in production: events would be marked SUCCESS unsent.
@@ -130,6 +136,8 @@ func (c Config) validate() error {
 		return errors.New("poller: DSN is required")
 	case c.NATS == nil:
 		return errors.New("poller: NATS is required")
+	case c.NATS.Opts.ReconnectBufSize >= 0:
+		return errors.New("poller: the NATS connection buffers publishes while reconnecting, which can reorder an entity's events: connect with nats.ReconnectBufSize(-1)")
 	case c.BatchSize < 0, c.PollInterval < 0, c.AckTimeout < 0, c.MaxAttempts < 0,
 		c.RetryBase < 0, c.RetryMax < 0, c.BackoffMin < 0, c.BackoffMax < 0, c.LeaderTimeout < 0:
 		return errors.New("poller: sizes and durations must not be negative")
@@ -161,7 +169,8 @@ type Poller struct {
 	lead     leader
 	streams  *streamCache
 	log      *slog.Logger
-	standby  bool // standby already logged
+	standby  bool                 // standby already logged
+	stmts    map[string]*sql.Stmt // prepared statements, by query
 
 	published, refused, failed, batches, backoffs atomic.Int64
 	leading                                       atomic.Bool
@@ -188,6 +197,7 @@ func New(cfg Config) (*Poller, error) {
 		q:       newQueries(table.Quoted()),
 		lead:    leader{dsn: cfg.DSN, heartbeat: cfg.LeaderTimeout / 5, timeout: cfg.LeaderTimeout},
 		streams: newStreamCache(js),
+		stmts:   map[string]*sql.Stmt{},
 		log:     cfg.Logger,
 	}, nil
 }
@@ -230,6 +240,7 @@ func (p *Poller) Run(ctx context.Context) error {
 		}()
 	}
 	defer p.stepDown()
+	defer p.closeStmts()
 
 	bo := backoff{min: p.cfg.BackoffMin, max: p.cfg.BackoffMax}
 	var (
@@ -257,6 +268,7 @@ func (p *Poller) Run(ctx context.Context) error {
 				sleeping = !p.wakeUp(ctx)
 			}
 			p.backoffs.Add(1)
+			p.cfg.Metrics.backoff()
 			d := bo.next()
 			p.log.Warn("publish loop backing off", "err", err, "backoff", d)
 			p.sleep(ctx, d, nil)
@@ -348,6 +360,7 @@ func (p *Poller) elect(ctx context.Context, bo *backoff) bool {
 	}
 	bo.reset()
 	p.leading.Store(true)
+	p.cfg.Metrics.leading(true)
 	p.standby = false
 	p.log.Info("leader elected", "table", p.table.String(), "pid", p.lead.pid)
 	return true
@@ -356,6 +369,7 @@ func (p *Poller) elect(ctx context.Context, bo *backoff) bool {
 func (p *Poller) stepDown() {
 	p.lead.release()
 	p.leading.Store(false)
+	p.cfg.Metrics.leading(false)
 }
 
 // sleep waits for d, ctx, or a wake-up on wake (nil: none).
@@ -375,6 +389,7 @@ func (p *Poller) listenerEvent(ev pq.ListenerEventType, err error) {
 	case pq.ListenerEventConnectionAttemptFailed, pq.ListenerEventDisconnected:
 		p.log.Warn("listen connection down; polling until it returns", "err", err)
 	case pq.ListenerEventReconnected:
+		p.cfg.Metrics.dbReconnect()
 		p.log.Info("listen connection restored")
 	}
 }

@@ -2,8 +2,10 @@ package poller_test
 
 import (
 	"context"
+	"database/sql"
 	"fmt"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -95,6 +97,27 @@ func (b *bundle) run(t *testing.T, cfg poller.Config) (*poller.Poller, func() er
 		}
 	})
 	return p, stop
+}
+
+// createStream creates a stream for the test on the bundle's JetStream,
+// deleted when the test ends, and makes it the one received reads. An empty
+// Name gets a unique one.
+func (b *bundle) createStream(t *testing.T, cfg jetstream.StreamConfig) jetstream.Stream {
+	t.Helper()
+	if cfg.Name == "" {
+		cfg.Name = "T_" + strings.ToUpper(testenv.Suffix())
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s, err := b.js.CreateStream(ctx, cfg)
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = b.js.DeleteStream(ctx, cfg.Name)
+	})
+	b.stream = s
+	return s
 }
 
 func (b *bundle) write(t *testing.T, events ...outbox.Event) {
@@ -238,4 +261,105 @@ func TestPublishHappyPath(t *testing.T) {
 		last[ent] = n.N
 		require.Equal(t, m.Headers().Get(outbox.HeaderEventID), m.Headers().Get(jetstream.MsgIDHeader))
 	}
+}
+
+func TestNewRejectsInvalidConfig(t *testing.T) {
+	t.Parallel()
+	nc, _ := testenv.NATS(t)
+	db, err := sql.Open("postgres", testenv.DatabaseURL())
+	require.NoError(t, err)
+	t.Cleanup(func() { db.Close() })
+	valid := poller.Config{DB: db, DSN: testenv.DatabaseURL(), NATS: nc}
+	_, err = poller.New(valid)
+	require.NoError(t, err, "the valid base config must pass")
+
+	for name, tc := range map[string]struct {
+		edit func(*poller.Config)
+		want string
+	}{
+		"missing DB":          {func(c *poller.Config) { c.DB = nil }, "DB"},
+		"missing DSN":         {func(c *poller.Config) { c.DSN = "" }, "DSN"},
+		"missing NATS":        {func(c *poller.Config) { c.NATS = nil }, "NATS"},
+		"table with space":    {func(c *poller.Config) { c.Table = "bad name" }, "bad name"},
+		"table with quote":    {func(c *poller.Config) { c.Table = `events"; DROP TABLE x; --` }, "events"},
+		"table with two dots": {func(c *poller.Config) { c.Table = "a.b.c" }, "a.b.c"},
+		"negative batch size": {func(c *poller.Config) { c.BatchSize = -1 }, "negative"},
+		"negative duration":   {func(c *poller.Config) { c.AckTimeout = -time.Second }, "negative"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			cfg := valid
+			tc.edit(&cfg)
+			p, err := poller.New(cfg)
+			require.Error(t, err)
+			require.Nil(t, p)
+			require.Contains(t, err.Error(), tc.want)
+		})
+	}
+}
+
+func TestRunFailsWithoutEventsTable(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	cfg := fastConfig()
+	cfg.DB, cfg.DSN, cfg.NATS, cfg.Logger = b.db.DB.DB, b.db.DSN, b.nc, testLogger(t)
+	cfg.Table = "no_such_events"
+	p, err := poller.New(cfg)
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	err = p.Run(ctx)
+	require.Error(t, err)
+	require.Contains(t, err.Error(), "no_such_events")
+}
+
+// Cancelling Run while a backlog drains stops it cleanly: Run returns nil,
+// the batch in flight is marked (the stream holds exactly the SUCCESS rows),
+// no row is left locked, retried or FAILED, and a new poller drains the
+// rest. Several stops make it likely one lands mid-batch.
+func TestGracefulStopLeavesNothingStuck(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	events := changes(b.prefix+".order.changed", 50, 100)
+	b.write(t, events...)
+	cfg := fastConfig()
+	cfg.BatchSize = 250
+
+	for round := range 5 {
+		p, stop := b.run(t, cfg)
+		testenv.Eventually(t, 10*time.Second, func() bool { return p.Stats().Published > 0 },
+			"round %d: publishing starts", round)
+		require.NoError(t, stop(), "round %d", round)
+		require.False(t, p.Stats().Leader)
+
+		success, ready := b.count(t, "SUCCESS"), b.count(t, "READY")
+		require.Equal(t, len(events), success+ready, "every row SUCCESS or READY")
+		require.Positive(t, ready, "the backlog drained before the stop; make it larger")
+		require.Zero(t, b.scalar(t, `SELECT count(*) FROM events WHERE attempts > 0`))
+		info, err := b.stream.Info(context.Background())
+		require.NoError(t, err)
+		require.EqualValues(t, success, info.State.Msgs,
+			"round %d: the stream must hold exactly the SUCCESS events", round)
+
+		// No claim transaction is left open: every READY row can be locked.
+		tx, err := b.db.Beginx()
+		require.NoError(t, err)
+		var lockable int
+		require.NoError(t, tx.Get(&lockable, `SELECT count(*) FROM
+			(SELECT 1 FROM events WHERE event_status = 'READY' FOR UPDATE SKIP LOCKED) r`))
+		require.NoError(t, tx.Rollback())
+		require.Equal(t, ready, lockable, "READY rows still locked after Run returned")
+		testenv.Eventually(t, 5*time.Second, func() bool {
+			return b.scalar(t, `SELECT count(*) FROM pg_locks
+				WHERE locktype = 'advisory' AND objid = 'events'::regclass::oid`) == 0
+		}, "the leader lock is released")
+	}
+
+	inStream := streamIDs(b.received(t))
+	for _, id := range b.ids(t, "SUCCESS") {
+		require.True(t, inStream[id], "SUCCESS event %s is not in the stream", id)
+	}
+	b.start(t, cfg)
+	testenv.Eventually(t, 30*time.Second, func() bool { return b.count(t, "SUCCESS") == len(events) },
+		"a new poller drains the remaining events")
+	requireOnceInOrder(t, b.received(t), len(events))
 }

@@ -111,7 +111,7 @@ func NATS(t testing.TB) (*nats.Conn, jetstream.JetStream) {
 // ConnectNATS connects to the NATS server at url for the test.
 func ConnectNATS(t testing.TB, url string) (*nats.Conn, jetstream.JetStream) {
 	t.Helper()
-	nc, err := nats.Connect(url, nats.Timeout(5*time.Second))
+	nc, err := nats.Connect(url, nats.Timeout(5*time.Second), nats.ReconnectBufSize(-1))
 	if err != nil {
 		t.Fatalf("NATS is unreachable at %s: %v\n"+
 			"start nats-server with JetStream (nats-server -js) or set NATS_URL", url, err)
