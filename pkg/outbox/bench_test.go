@@ -3,7 +3,7 @@ package outbox_test
 import (
 	"context"
 	"encoding/json"
-	"strconv"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -46,35 +46,47 @@ func BenchmarkPrepare(b *testing.B) {
 	}
 }
 
-// BenchmarkWrite measures one committed transaction holding one Write of n
-// events (256-byte payloads) into the real PostgreSQL, NOTIFY trigger on.
+// BenchmarkWrite measures one committed transaction writing n events
+// (256-byte payloads) into the real PostgreSQL: mode=batch with one Write
+// call (one multi-row INSERT), mode=row with one Write call per event, the
+// baseline a row-at-a-time outbox pays. Compare them with
+// benchstat -col /mode.
 func BenchmarkWrite(b *testing.B) {
 	ctx := context.Background()
 	for _, n := range []int{1, 10, 100} {
-		b.Run(strconv.Itoa(n), func(b *testing.B) {
-			db := testenv.NewDB(b)
-			w, err := outbox.NewWriter(outbox.Config{})
-			require.NoError(b, err)
-			events := make([]outbox.Event, n)
-			for i := range events {
-				events[i] = benchEvent()
-			}
-			b.ReportAllocs()
-			loops := 0
-			for b.Loop() {
-				tx, err := db.BeginTx(ctx, nil)
-				if err != nil {
-					b.Fatal(err)
+		for _, mode := range []string{"batch", "row"} {
+			b.Run(fmt.Sprintf("events=%d/mode=%s", n, mode), func(b *testing.B) {
+				db := testenv.NewDB(b)
+				w, err := outbox.NewWriter(outbox.Config{})
+				require.NoError(b, err)
+				events := make([]outbox.Event, n)
+				for i := range events {
+					events[i] = benchEvent()
 				}
-				if _, err := w.Write(ctx, tx, events...); err != nil {
-					b.Fatal(err)
+				b.ReportAllocs()
+				loops := 0
+				for b.Loop() {
+					tx, err := db.BeginTx(ctx, nil)
+					if err != nil {
+						b.Fatal(err)
+					}
+					if mode == "batch" {
+						_, err = w.Write(ctx, tx, events...)
+					} else {
+						for i := 0; i < n && err == nil; i++ {
+							_, err = w.Write(ctx, tx, events[i])
+						}
+					}
+					if err != nil {
+						b.Fatal(err)
+					}
+					if err := tx.Commit(); err != nil {
+						b.Fatal(err)
+					}
+					loops++
 				}
-				if err := tx.Commit(); err != nil {
-					b.Fatal(err)
-				}
-				loops++
-			}
-			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(loops*n), "ns/event")
-		})
+				b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(loops*n), "ns/event")
+			})
+		}
 	}
 }
