@@ -91,17 +91,23 @@ func newQueries(table string) queries {
 
 // claim opens the claim transaction and reads up to limit rows. The caller
 // must end tx.
-func (p *Poller) claim(ctx context.Context, limit int) (*sql.Tx, []row, error) {
-	var due bool
-	probe, err := p.stmt(ctx, nil, p.q.probe)
-	if err == nil {
-		err = probe.QueryRowContext(ctx).Scan(&due)
-	}
-	if err != nil {
-		return nil, nil, fmt.Errorf("probe: %w", err)
-	}
-	if !due {
-		return nil, nil, nil
+//
+// When probe is set it first asks whether anything is due and opens no
+// transaction when nothing is: cheap polling while idle. Under load, when
+// the last claim found rows, the probe would only add a round trip.
+func (p *Poller) claim(ctx context.Context, limit int, probe bool) (*sql.Tx, []row, error) {
+	if probe {
+		var due bool
+		stmt, err := p.stmt(ctx, nil, p.q.probe)
+		if err == nil {
+			err = stmt.QueryRowContext(ctx).Scan(&due)
+		}
+		if err != nil {
+			return nil, nil, fmt.Errorf("probe: %w", err)
+		}
+		if !due {
+			return nil, nil, nil
+		}
 	}
 	// Once begun, the transaction must outlive ctx: database/sql rolls a
 	// transaction back when its BeginTx context ends, and a cancelled Run
@@ -158,6 +164,7 @@ type refusal struct {
 	id        string
 	reason    string
 	permanent bool
+	attempts  int // before this refusal
 }
 
 // mark records the outcome of a batch in the claim transaction and commits.

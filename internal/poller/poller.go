@@ -171,6 +171,8 @@ type Poller struct {
 	log      *slog.Logger
 	standby  bool                 // standby already logged
 	stmts    map[string]*sql.Stmt // prepared statements, by query
+	inflight *batch               // sent, not yet finished; see step
+	busy     bool                 // the last claim found rows
 
 	published, refused, failed, batches, backoffs atomic.Int64
 	leading                                       atomic.Bool
@@ -255,7 +257,7 @@ func (p *Poller) Run(ctx context.Context) error {
 			}
 			lastWork = time.Now()
 		}
-		n, err := p.cycle(ctx)
+		n, err := p.step(ctx)
 		switch {
 		case errors.Is(err, errLostLeadership):
 			p.log.Warn("leadership lost; standing by", "err", err)
@@ -279,8 +281,9 @@ func (p *Poller) Run(ctx context.Context) error {
 			lastWork = time.Now()
 		}
 		switch {
-		case n >= p.cfg.BatchSize:
-			// More may be waiting: claim again at once.
+		case n >= p.cfg.BatchSize, p.inflight != nil:
+			// More may be waiting, or a batch is in flight: claim again at
+			// once (the next step finishes the batch in flight).
 		case sleeping:
 			// The last look, under the sleep lock, is done: sleep unless it
 			// found work, then stop the writers' NOTIFYs.
@@ -303,6 +306,9 @@ func (p *Poller) Run(ctx context.Context) error {
 			}
 			p.sleep(ctx, activePoll, wake) // a writer is mid-transaction
 		}
+	}
+	if err := p.drain(ctx); err != nil {
+		p.log.Warn("finishing the last batch", "err", err)
 	}
 	p.log.Info("publisher stopped", "published", p.published.Load())
 	return nil

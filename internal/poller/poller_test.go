@@ -322,7 +322,7 @@ func TestGracefulStopLeavesNothingStuck(t *testing.T) {
 	events := changes(b.prefix+".order.changed", 50, 100)
 	b.write(t, events...)
 	cfg := fastConfig()
-	cfg.BatchSize = 250
+	cfg.BatchSize = 50
 
 	for round := range 5 {
 		p, stop := b.run(t, cfg)

@@ -2,6 +2,7 @@ package poller
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
 	"strconv"
@@ -23,39 +24,114 @@ const (
 // markGrace is how long the mark may take after the acks are in.
 const markGrace = 10 * time.Second
 
-// cycle claims, publishes and marks one batch and returns how many rows it
-// claimed. Once rows are claimed the batch is finished even if ctx is
-// cancelled, so a stopping publisher marks what JetStream acknowledged.
-func (p *Poller) cycle(ctx context.Context) (int, error) {
+// batch is a claimed set of rows whose claim transaction is open: sent,
+// waiting for acks, not yet marked.
+type batch struct {
+	tx      *sql.Tx
+	rows    []row
+	started time.Time
+	sentAt  time.Time
+	sent    []inflight
+	refused []refusal
+	// refusedEntities had a row refused before sending: their later rows
+	// were not sent, and the next batch must not send them either until
+	// this batch's mark records the refusal.
+	refusedEntities map[string]bool
+	outage          error // sending stopped: the broker could not be asked or reached
+}
+
+type inflight struct {
+	r   *row
+	paf jetstream.PubAckFuture
+	at  time.Time // when it was sent
+}
+
+// step is one turn of the pipeline: claim and send a new batch while the
+// previous one's acks are in flight, then finish the previous one (acks,
+// mark, commit). At most one batch is in flight between steps. It returns
+// the number of rows claimed. When the previous batch hit an outage, no new
+// batch is claimed.
+func (p *Poller) step(ctx context.Context) (int, error) {
+	prev := p.inflight
+	p.inflight = nil
+	var (
+		cur *batch
+		err error
+	)
 	select {
 	case <-p.lead.lostCh():
-		return 0, errLostLeadership
+		err = errLostLeadership
 	default:
+		if prev == nil || prev.outage == nil {
+			var skip map[string]bool
+			if prev != nil {
+				skip = prev.refusedEntities
+			}
+			cur, err = p.start(ctx, skip)
+		}
 	}
-	start := time.Now()
-	tx, rows, err := p.claim(ctx, p.cfg.BatchSize)
-	if err != nil {
+	if prev != nil {
+		err = firstErr(p.finish(ctx, prev), err)
+	}
+	if cur == nil {
 		return 0, err
 	}
+	if err != nil {
+		// Finish what was sent before backing off.
+		return len(cur.rows), firstErr(err, p.finish(ctx, cur))
+	}
+	p.inflight = cur
+	return len(cur.rows), nil
+}
+
+// drain finishes the batch in flight, if any.
+func (p *Poller) drain(ctx context.Context) error {
+	b := p.inflight
+	p.inflight = nil
+	if b == nil {
+		return nil
+	}
+	return p.finish(ctx, b)
+}
+
+// start claims a batch and sends its rows, except rows of entities in skip.
+// It returns nil when nothing was due.
+func (p *Poller) start(ctx context.Context, skip map[string]bool) (*batch, error) {
+	started := time.Now()
+	tx, rows, err := p.claim(ctx, p.cfg.BatchSize, !p.busy)
+	p.busy = len(rows) > 0
+	if err != nil {
+		return nil, err
+	}
 	if len(rows) == 0 {
-		if tx == nil {
-			return 0, nil
+		if tx != nil {
+			return nil, tx.Rollback()
 		}
-		return 0, tx.Rollback()
+		return nil, nil
 	}
 	p.log.Debug("batch claimed", "rows", len(rows), "first_seq", rows[0].seq)
+	b := &batch{tx: tx, rows: rows, started: started, refusedEntities: map[string]bool{}}
+	p.send(ctx, b, skip)
+	return b, nil
+}
+
+// finish waits for a batch's acks, marks it and commits. Once rows are
+// claimed the batch is finished even if ctx is cancelled, so a stopping
+// publisher marks what JetStream acknowledged. It returns the batch's
+// outage, or the mark's error.
+func (p *Poller) finish(ctx context.Context, b *batch) error {
 	bctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.cfg.AckTimeout+markGrace)
 	defer cancel()
-	acked, refused, outage := p.publish(ctx, bctx, rows)
-	if err := p.mark(bctx, tx, acked, refused); err != nil {
-		return len(rows), err
+	acked := p.collect(bctx, b)
+	if err := p.mark(bctx, b.tx, acked, b.refused); err != nil {
+		return err
 	}
 	p.batches.Add(1)
-	p.cfg.Metrics.batch(len(rows), len(acked), start)
+	p.cfg.Metrics.batch(len(b.rows), len(acked), b.started)
 	p.published.Add(int64(len(acked)))
-	p.refused.Add(int64(len(refused)))
-	for _, r := range refused {
-		if r.permanent || p.attemptsOf(rows, r.id)+1 >= p.cfg.MaxAttempts {
+	p.refused.Add(int64(len(b.refused)))
+	for _, r := range b.refused {
+		if r.permanent || r.attempts+1 >= p.cfg.MaxAttempts {
 			p.failed.Add(1)
 			p.cfg.Metrics.outcome(OutcomeFailed)
 			p.log.Error("event failed for good", "event_id", r.id, "reason", r.reason)
@@ -64,92 +140,93 @@ func (p *Poller) cycle(ctx context.Context) (int, error) {
 			p.log.Warn("event refused; will retry", "event_id", r.id, "reason", r.reason)
 		}
 	}
-	return len(rows), outage
+	return b.outage
 }
 
-func (p *Poller) attemptsOf(rows []row, id string) int {
-	for i := range rows {
-		if rows[i].id == id {
-			return rows[i].attempts
-		}
-	}
-	return 0
-}
-
-// publish sends rows in seq order and waits for their acks. Sending stops
-// when ctx ends (the pre-send check asks JetStream under ctx); waiting for
-// the acks of what was sent, and sorting errors, run under bctx. It returns the
-// acked ids, the refused rows, and a non-nil outage error when the broker
-// could not be reached or did not answer in time; rows in neither list stay
-// READY untouched.
-func (p *Poller) publish(ctx, bctx context.Context, rows []row) (acked []string, refused []refusal, outage error) {
-	type inflight struct {
-		r   *row
-		paf jetstream.PubAckFuture
-		at  time.Time // when it was sent
-	}
+// send sends the batch's rows in seq order. It stops at the first outage
+// (the pre-send check asks JetStream under ctx, so a stop interrupts it).
+// A row refused before sending holds back the later rows of its entity.
+func (p *Poller) send(ctx context.Context, b *batch, skip map[string]bool) {
+	b.sent = make([]inflight, 0, len(b.rows))
+	defer func() { b.sentAt = time.Now() }()
 	if p.cfg.SkipPublish {
-		for i := range rows {
-			acked = append(acked, rows[i].id)
-		}
-		return acked, nil, nil
+		return
 	}
-	blocked := map[string]bool{} // entities with a refused row in this batch
-	sent := make([]inflight, 0, len(rows))
-	refuse := func(r *row, reason string, permanent bool) {
-		refused = append(refused, refusal{id: r.id, reason: reason, permanent: permanent})
-		blocked[r.entity()] = true
-	}
-	for i := range rows {
-		r := &rows[i]
-		if outage != nil || blocked[r.entity()] {
+	for i := range b.rows {
+		r := &b.rows[i]
+		if b.outage != nil || skip[r.entity()] || b.refusedEntities[r.entity()] {
 			continue
 		}
 		msg, err := message(r)
 		if err != nil {
-			refuse(r, err.Error(), true)
+			b.refuse(r, err.Error(), true)
 			continue
 		}
 		if reason, permanent, err := p.preflight(ctx, msg); err != nil {
-			outage = err
+			b.outage = err
 			continue
 		} else if reason != "" {
-			refuse(r, reason, permanent)
+			b.refuse(r, reason, permanent)
 			continue
 		}
 		paf, err := p.js.PublishMsgAsync(msg)
 		if err != nil {
-			outage = fmt.Errorf("publish %s: %w", r.id, err)
+			b.outage = fmt.Errorf("publish %s: %w", r.id, err)
 			continue
 		}
-		sent = append(sent, inflight{r: r, paf: paf, at: time.Now()})
+		b.sent = append(b.sent, inflight{r: r, paf: paf, at: time.Now()})
 	}
+}
 
-	deadline := time.NewTimer(p.cfg.AckTimeout)
+func (b *batch) refuse(r *row, reason string, permanent bool) {
+	b.refused = append(b.refused, refusal{id: r.id, reason: reason, permanent: permanent, attempts: r.attempts})
+	b.refusedEntities[r.entity()] = true
+}
+
+// collect waits for the acks of what b sent, up to AckTimeout after the
+// send, and returns the acked ids. Refusals are added to b.refused; a
+// missing ack or an outage-class error sets b.outage.
+func (p *Poller) collect(ctx context.Context, b *batch) (acked []string) {
+	if p.cfg.SkipPublish {
+		for i := range b.rows {
+			acked = append(acked, b.rows[i].id)
+		}
+		return acked
+	}
+	deadline := time.NewTimer(time.Until(b.sentAt.Add(p.cfg.AckTimeout)))
 	defer deadline.Stop()
-	for _, s := range sent {
+	for i, s := range b.sent {
 		select {
 		case <-s.paf.Ok():
 			p.cfg.Metrics.acked(s.at)
 			acked = append(acked, s.r.id)
 		case err := <-s.paf.Err():
-			reason, permanent, out := p.classify(bctx, s.r.subject, err)
+			reason, permanent, out := p.classify(ctx, s.r.subject, err)
 			if out != nil {
-				outage = firstErr(outage, out)
+				b.outage = firstErr(b.outage, out)
 				continue
 			}
-			if blocked[s.r.entity()] {
-				// A later event of this entity may already be stored; it is
-				// marked as such below, and the order break is logged.
-				p.log.Warn("event refused after a later event of its entity was sent",
+			if laterSent(b.sent[i+1:], s.r) || p.inflight != nil && laterSent(p.inflight.sent, s.r) {
+				p.log.Warn("event refused after a later event of its entity was sent; the entity's order is broken",
 					"event_id", s.r.id, "entity_type", s.r.entityType, "entity_id", s.r.entityID)
 			}
-			refuse(s.r, reason, permanent)
+			b.refuse(s.r, reason, permanent)
 		case <-deadline.C:
-			return acked, refused, firstErr(outage, fmt.Errorf("no PubAck within %s: %w", p.cfg.AckTimeout, context.DeadlineExceeded))
+			b.outage = firstErr(b.outage, fmt.Errorf("no PubAck within %s: %w", p.cfg.AckTimeout, context.DeadlineExceeded))
+			return acked
 		}
 	}
-	return acked, refused, outage
+	return acked
+}
+
+// laterSent reports whether sent holds a later event of r's entity.
+func laterSent(sent []inflight, r *row) bool {
+	for _, s := range sent {
+		if s.r.seq > r.seq && s.r.entity() == r.entity() {
+			return true
+		}
+	}
+	return false
 }
 
 // firstErr returns the first non-nil error.
