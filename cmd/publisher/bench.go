@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -22,6 +23,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		asJSON, noIdle bool
 		sweep          bool
 		plotFile       string
+		cpuProfile     string
 		cfg            bench.Config
 	)
 	c := newCommand("bench", "", `
@@ -44,6 +46,7 @@ Takes about a minute with the defaults.`)
 	c.Bool(&sweep, "sweep", false, "also sweep latency over 500..20000 events/s and drain over batch sizes 50..2000")
 	c.Duration(&cfg.SweepDuration, "sweep-duration", 5*time.Second, "with --sweep: length of each latency run")
 	c.String(&plotFile, "plot", "", "with --sweep: write a PNG plot of the sweep to this file")
+	c.String(&cpuProfile, "cpuprofile", "", "write a CPU profile of the bench process (writers, publisher loop, consumer) to this file")
 	c.Bool(&asJSON, "json", false, "print one JSON object")
 	if err := c.parse(args, stdout); err != nil {
 		return err
@@ -78,6 +81,17 @@ Takes about a minute with the defaults.`)
 			return fmt.Errorf("find the publisher binary for the idle measurement: %w (or pass --no-idle)", err)
 		}
 		cfg.PublisherBin = exe
+	}
+	if cpuProfile != "" {
+		f, err := os.Create(cpuProfile)
+		if err != nil {
+			return fmt.Errorf("cpu profile: %w", err)
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return fmt.Errorf("cpu profile: %w", err)
+		}
+		defer pprof.StopCPUProfile()
 	}
 	res, err := bench.Run(ctx, cfg)
 	if err != nil {
