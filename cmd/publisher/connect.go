@@ -125,10 +125,18 @@ func connectNATS(natsURL string, wait bool, log *slog.Logger, onReconnect func()
 			}
 			log.Info("NATS reconnected", "url", redact(c.ConnectedUrl()))
 		}),
+		// With wait, the first connection may come after Connect returned.
+		nats.ConnectHandler(func(c *nats.Conn) {
+			log.Info("NATS connected", "url", redact(c.ConnectedUrl()))
+		}),
 	)
 	if err != nil {
 		return nil, fmt.Errorf("NATS is unreachable at %s: %w\n"+
 			"  start nats-server with JetStream (nats-server -js), or point --nats-url (or NATS_URL) at one", shown, err)
+	}
+	if !nc.IsConnected() {
+		log.Warn("NATS unreachable; retrying in the background", "url", shown,
+			"fix", "start nats-server with JetStream (nats-server -js), or point --nats-url (or NATS_URL) at one")
 	}
 	return nc, nil
 }

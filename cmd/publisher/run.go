@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/robfig/cron/v3"
 
 	"github.com/pgnats/outbox/internal/poller"
 )
@@ -33,6 +34,8 @@ type runOptions struct {
 	backlogEvery    string
 	retentionEvery  string
 	retention       time.Duration
+	httpAddr        string
+	metricsEvery    string
 }
 
 func runPublisher(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -62,6 +65,8 @@ flight, exit 0.`)
 	c.String(&o.backlogEvery, "backlog-schedule", "@every 1m", "cron schedule of the backlog log line (empty: off)")
 	c.String(&o.retentionEvery, "retention-schedule", "@every 10m", "cron schedule of the retention delete, when --retention is set")
 	c.Duration(&o.retention, "retention", 0, "delete SUCCESS events published longer ago than this (0: keep them; the table is also the entities' history)")
+	c.String(&o.httpAddr, "http-addr", "", "serve /metrics, /healthz and /readyz on this host:port, e.g. :9090 (empty: no HTTP)")
+	c.String(&o.metricsEvery, "metrics-schedule", "@every 15s", "with --http-addr: cron schedule of the backlog gauges' refresh query")
 	if err := c.parse(args, stdout); err != nil {
 		return err
 	}
@@ -84,30 +89,54 @@ flight, exit 0.`)
 	if o.streamStorage != "file" && o.streamStorage != "memory" {
 		return usagef("run: --stream-storage %q: use file or memory", o.streamStorage)
 	}
+	for name, spec := range map[string]string{"backlog-schedule": o.backlogEvery,
+		"retention-schedule": o.retentionEvery, "metrics-schedule": o.metricsEvery} {
+		if err := checkSchedule(name, spec); err != nil {
+			return err
+		}
+	}
+	if o.httpAddr != "" {
+		if err := checkHTTPAddr(o.httpAddr); err != nil {
+			return err
+		}
+	}
 
 	log.Info("publisher starting", "table", o.table, "database", redact(o.databaseURL), "nats", redact(o.natsURL),
 		"batch_size", o.batchSize, "listen", !o.noListen, "poll_interval", o.pollInterval)
+	metrics := poller.NewMetrics()
+	var ready readiness
+	if o.httpAddr != "" {
+		// Up before the database, so /healthz answers while waiting for it.
+		stopHTTP, err := serveHTTP(o.httpAddr, newHTTPHandler(newRegistry(metrics), &ready, log), log)
+		if err != nil {
+			return err
+		}
+		defer stopHTTP()
+	}
 	db, err := waitForDB(ctx, o.databaseURL, o.backoffMax, log)
 	if err != nil || db == nil {
 		return err // nil when stopped while waiting
 	}
 	defer db.Close()
-	nc, err := connectNATS(o.natsURL, true, log)
+	ready.db.Store(db)
+	nc, err := connectNATS(o.natsURL, true, log, metrics.NATSReconnects.Inc)
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
+	ready.nc.Store(nc)
 
 	cfg := poller.Config{
 		DB: db, DSN: o.databaseURL, NATS: nc, Table: o.table, BatchSize: o.batchSize,
 		PollInterval: o.pollInterval, NoListen: o.noListen, AckTimeout: o.ackTimeout,
 		MaxAttempts: o.maxAttempts, RetryBase: o.retryBase, RetryMax: o.retryMax,
-		BackoffMax: o.backoffMax, LeaderTimeout: o.leaderTimeout, Logger: log,
+		BackoffMax: o.backoffMax, LeaderTimeout: o.leaderTimeout, Logger: log, Metrics: metrics,
 	}
 	p, err := poller.New(cfg)
 	if err != nil {
 		return usageError{err}
 	}
+	ready.poller.Store(p)
 	js, err := jetstream.New(nc)
 	if err != nil {
 		return err
@@ -126,12 +155,27 @@ flight, exit 0.`)
 	if o.retention > 0 {
 		hk.RetentionSchedule, hk.Retention = o.retentionEvery, o.retention
 	}
+	if o.httpAddr != "" {
+		hk.MetricsSchedule, hk.Metrics = o.metricsEvery, metrics
+	}
 	stopHK, err := poller.StartHousekeeping(ctx, hk)
 	if err != nil {
 		return usageError{err}
 	}
 	defer stopHK()
 	return p.Run(ctx)
+}
+
+// checkSchedule reports a cron schedule flag that robfig/cron cannot
+// parse; an empty one turns its chore off.
+func checkSchedule(flag, spec string) error {
+	if spec == "" {
+		return nil
+	}
+	if _, err := cron.ParseStandard(spec); err != nil {
+		return usagef("run: --%s %q: %v; use a cron expression (\"*/5 * * * *\") or \"@every 30s\", or empty to turn it off", flag, spec, err)
+	}
+	return nil
 }
 
 // waitForDB connects to PostgreSQL, retrying with back-off while it is
@@ -176,7 +220,9 @@ func createStream(ctx context.Context, js jetstream.JetStream, o runOptions, log
 		Name: o.createStream, Subjects: subjects, Storage: storage, Duplicates: o.duplicateWindow,
 	})
 	if err != nil {
-		return fmt.Errorf("create stream %q for %v: %w", o.createStream, subjects, err)
+		return fmt.Errorf("create stream %q for %v: %w\n"+
+			"  check --create-stream and --stream-subjects (dot-separated tokens; * and > as wildcards, not overlapping another stream's), "+
+			"and that the server runs JetStream (nats-server -js)", o.createStream, subjects, err)
 	}
 	log.Info("stream ready", "stream", s.CachedInfo().Config.Name, "subjects", subjects, "duplicate_window", o.duplicateWindow)
 	return nil

@@ -1,10 +1,12 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
 	"io"
+	"os"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -14,30 +16,45 @@ import (
 
 func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var (
-		o      common
-		asJSON bool
-		limit  int
+		o        common
+		asJSON   bool
+		limit    int
+		watch    bool
+		interval time.Duration
 	)
 	c := newCommand("status", "", `
 Show the state of the events table: counts per status, the READY backlog and
 the age of its oldest event, entities blocked by a FAILED or retrying event
 (with the event that blocks each), the most recent FAILED events with their
-reasons, and which session holds the leader lock.`)
+reasons, and which session holds the leader lock.
+
+With --watch, refresh every --interval until interrupted: on a terminal the
+screen is redrawn, otherwise each refresh is printed as a new block (with
+--json, one JSON object a line).`)
 	o.register(c)
 	c.Bool(&asJSON, "json", false, "print one JSON object instead of tables")
 	c.Int(&limit, "limit", 10, "most blocked entities and FAILED events listed")
+	c.Bool(&watch, "watch", false, "refresh every --interval until interrupted")
+	c.Duration(&interval, "interval", 2*time.Second, "with --watch: time between refreshes")
 	if err := c.parse(args, stdout); err != nil {
 		return err
 	}
 	if limit < 1 {
 		return usagef("status: --limit must be at least 1")
 	}
+	if interval <= 0 {
+		return usagef("status: --interval must be positive, got %s", interval)
+	}
 	db, err := openDB(ctx, o.databaseURL)
 	if err != nil {
 		return err
 	}
 	defer db.Close()
-	st, err := poller.ReadStatus(ctx, db, o.table, limit)
+	read := func(ctx context.Context) (*poller.Status, error) { return poller.ReadStatus(ctx, db, o.table, limit) }
+	if watch {
+		return watchStatus(ctx, stdout, stderr, watchOptions{every: interval, tty: isTerminal(stdout), json: asJSON}, read)
+	}
+	st, err := read(ctx)
 	if err != nil {
 		return err
 	}
@@ -48,6 +65,72 @@ reasons, and which session holds the leader lock.`)
 	}
 	printStatus(stdout, st)
 	return nil
+}
+
+// watchOptions shape the output of status --watch.
+type watchOptions struct {
+	every time.Duration
+	tty   bool // redraw the screen instead of printing blocks one after another
+	json  bool // one JSON object a line
+}
+
+// clearScreen moves the cursor home and clears the screen (ANSI).
+const clearScreen = "\x1b[H\x1b[2J"
+
+// watchStatus prints the status every o.every until ctx ends, then returns
+// nil. A failed read is reported (on stderr with JSON, in place of the
+// table otherwise) and tried again at the next refresh.
+func watchStatus(ctx context.Context, stdout, stderr io.Writer, o watchOptions,
+	read func(context.Context) (*poller.Status, error)) error {
+	t := time.NewTicker(o.every)
+	defer t.Stop()
+	for {
+		st, err := read(ctx)
+		if ctx.Err() != nil {
+			return nil
+		}
+		var frame bytes.Buffer
+		switch {
+		case o.json && err != nil:
+			fmt.Fprintf(stderr, "publisher status: %v\n", err)
+		case o.json:
+			if err := json.NewEncoder(&frame).Encode(st); err != nil {
+				return err
+			}
+		default:
+			if o.tty {
+				frame.WriteString(clearScreen)
+			}
+			fmt.Fprintf(&frame, "status at %s (every %s, Ctrl-C to stop)\n\n",
+				time.Now().UTC().Format(time.RFC3339), o.every)
+			if err != nil {
+				fmt.Fprintf(&frame, "could not read the status: %v\n", err)
+			} else {
+				printStatus(&frame, st)
+			}
+			if !o.tty {
+				frame.WriteString("\n")
+			}
+		}
+		if _, err := stdout.Write(frame.Bytes()); err != nil {
+			return err // the reader went away (a closed pipe)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+// isTerminal reports whether w is a terminal.
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
+	}
+	fi, err := f.Stat()
+	return err == nil && fi.Mode()&os.ModeCharDevice != 0
 }
 
 func printStatus(w io.Writer, st *poller.Status) {

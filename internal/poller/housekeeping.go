@@ -28,6 +28,13 @@ type Housekeeping struct {
 	// events table is also each entity's history.
 	RetentionSchedule string
 	Retention         time.Duration
+
+	// MetricsSchedule refreshes the backlog gauges of Metrics (READY,
+	// retrying and FAILED counts, the oldest READY age, blocked entities),
+	// once at start and then on this schedule, so a scrape never runs a
+	// query. Both must be set for the chore to run.
+	MetricsSchedule string
+	Metrics         *Metrics
 }
 
 // deleteBatch bounds each retention DELETE, so it never holds many row
@@ -44,10 +51,22 @@ func StartHousekeeping(ctx context.Context, h Housekeeping) (stop func(), err er
 	if h.RetentionSchedule != "" && h.Retention <= 0 {
 		return nil, fmt.Errorf("housekeeping: a retention schedule needs a positive retention")
 	}
+	if h.Logger == nil {
+		h.Logger = slog.New(slog.DiscardHandler)
+	}
 	c := cron.New(cron.WithLocation(time.UTC))
 	if h.BacklogSchedule != "" {
 		if _, err := c.AddFunc(h.BacklogSchedule, func() { h.logBacklog(ctx) }); err != nil {
 			return nil, fmt.Errorf("backlog schedule %q: %w", h.BacklogSchedule, err)
+		}
+	}
+	if h.MetricsSchedule != "" && h.Metrics != nil {
+		// A refresh slower than its schedule skips a turn rather than
+		// piling up queries.
+		job := cron.NewChain(cron.SkipIfStillRunning(cron.DiscardLogger)).
+			Then(cron.FuncJob(func() { h.refreshMetrics(ctx, name.Quoted()) }))
+		if _, err := c.AddJob(h.MetricsSchedule, job); err != nil {
+			return nil, fmt.Errorf("metrics schedule %q: %w", h.MetricsSchedule, err)
 		}
 	}
 	if h.RetentionSchedule != "" {
@@ -58,6 +77,9 @@ func StartHousekeeping(ctx context.Context, h Housekeeping) (stop func(), err er
 		if _, err := c.AddFunc(h.RetentionSchedule, func() { h.deleteOld(ctx, del) }); err != nil {
 			return nil, fmt.Errorf("retention schedule %q: %w", h.RetentionSchedule, err)
 		}
+	}
+	if h.MetricsSchedule != "" && h.Metrics != nil {
+		h.refreshMetrics(ctx, name.Quoted()) // gauges are right from the first scrape
 	}
 	c.Start()
 	return func() { <-c.Stop().Done() }, nil
@@ -75,6 +97,22 @@ func (h Housekeeping) logBacklog(ctx context.Context) {
 	}
 	h.Logger.Info("backlog", "ready", st.Counts["READY"], "retrying", st.Retrying, "oldest_ready_age", age,
 		"failed", st.Counts["FAILED"], "blocked_entities", st.BlockedTotal)
+}
+
+// refreshMetrics sets the backlog gauges; on an error they keep their
+// last values, and outbox_backlog_refresh_timestamp_seconds shows how old
+// they are.
+func (h Housekeeping) refreshMetrics(ctx context.Context, table string) {
+	qctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	b, err := readBacklog(qctx, h.DB, table)
+	if err != nil {
+		if ctx.Err() == nil { // not stopping
+			h.Logger.Warn("refresh backlog metrics", "err", err)
+		}
+		return
+	}
+	h.Metrics.setBacklog(b)
 }
 
 func (h Housekeeping) deleteOld(ctx context.Context, del string) {

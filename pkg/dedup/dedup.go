@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strconv"
+	"time"
 
 	"github.com/jmoiron/sqlx"
 
@@ -33,14 +34,19 @@ type Config struct {
 	// Logger receives debug records of skipped duplicates and warnings of
 	// failed rollbacks. Default: discard.
 	Logger *slog.Logger
+	// Metrics counts processed, duplicate and failed messages and times
+	// the handlers, per consumer (see NewMetrics). Default: nil, record
+	// nothing.
+	Metrics *Metrics
 }
 
 // Processor runs message handlers at most once per (consumer, message id).
 // It is safe for concurrent use by multiple goroutines.
 type Processor struct {
-	db     *sqlx.DB
-	log    *slog.Logger
-	insert string
+	db      *sqlx.DB
+	log     *slog.Logger
+	metrics *Metrics
+	insert  string
 }
 
 // New returns a Processor that records processed messages in cfg.Table
@@ -56,9 +62,10 @@ func New(db *sqlx.DB, cfg Config) (*Processor, error) {
 		return nil, fmt.Errorf("dedup table: %w", err)
 	}
 	return &Processor{
-		db:     db,
-		log:    cmp.Or(cfg.Logger, slog.New(slog.DiscardHandler)),
-		insert: `INSERT INTO ` + name.Quoted() + ` (consumer_id, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING`,
+		db:      db,
+		log:     cmp.Or(cfg.Logger, slog.New(slog.DiscardHandler)),
+		metrics: cfg.Metrics,
+		insert:  `INSERT INTO ` + name.Quoted() + ` (consumer_id, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING`,
 	}, nil
 }
 
@@ -105,6 +112,13 @@ func (r Result) String() string {
 // processed by a later call. An empty consumer or msgID is rejected with a
 // *KeyError, before any SQL runs.
 func (p *Processor) Process(ctx context.Context, consumer, msgID string, fn func(ctx context.Context, tx *sqlx.Tx) error) (Result, error) {
+	start := time.Now()
+	res, err := p.process(ctx, consumer, msgID, fn)
+	p.metrics.observe(consumer, res, err, start)
+	return res, err
+}
+
+func (p *Processor) process(ctx context.Context, consumer, msgID string, fn func(ctx context.Context, tx *sqlx.Tx) error) (Result, error) {
 	if consumer == "" {
 		return 0, &KeyError{Field: "consumer"}
 	}

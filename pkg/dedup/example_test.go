@@ -14,6 +14,9 @@ import (
 	"github.com/jmoiron/sqlx"
 	_ "github.com/lib/pq" // PostgreSQL driver
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/propagation"
 
 	"github.com/pgnats/outbox/pkg/dedup"
 	"github.com/pgnats/outbox/schema"
@@ -98,4 +101,27 @@ func ExampleProcessor_Handler() {
 		return
 	}
 	defer cc.Stop()
+}
+
+// Counting what consumers do: one Metrics for the process, registered once,
+// shared by every Processor; a consumer that traces keeps the writer's
+// trace through the global propagator.
+func ExampleNewMetrics() {
+	var db *sqlx.DB // the service's database
+
+	m := dedup.NewMetrics()
+	prometheus.MustRegister(m) // outbox_consumer_messages_total, outbox_consumer_handler_duration_seconds
+	otel.SetTextMapPropagator(propagation.TraceContext{})
+
+	d, err := dedup.New(db, dedup.Config{Metrics: m})
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	_ = d.Handler(dedup.HandlerConfig{Consumer: "billing"},
+		func(ctx context.Context, tx *sqlx.Tx, msg jetstream.Msg) error {
+			// ctx carries the span context of the transaction that wrote the
+			// event: spans started here are its children.
+			return nil
+		})
 }

@@ -9,6 +9,7 @@ import (
 
 	"github.com/jmoiron/sqlx"
 	"github.com/nats-io/nats.go/jetstream"
+	"go.opentelemetry.io/otel/propagation"
 
 	"github.com/pgnats/outbox/pkg/outbox"
 )
@@ -37,6 +38,11 @@ type HandlerConfig struct {
 	// Logger receives a record for each message terminated or sent back
 	// for redelivery. Default: the Processor's logger.
 	Logger *slog.Logger
+	// Propagator extracts the trace context that the outbox writer stored
+	// in the message's headers ("traceparent", "tracestate") into the
+	// context fn runs in, so fn's spans continue the writer's trace.
+	// Default: otel.GetTextMapPropagator(), read for each message.
+	Propagator propagation.TextMapPropagator
 }
 
 // Handler returns a JetStream message handler, for Consumer.Consume or
@@ -50,6 +56,10 @@ type HandlerConfig struct {
 //     terminated and never redelivered;
 //   - the event id header is missing or empty: the message is terminated
 //     without running fn, since it could never be deduplicated.
+//
+// The context fn receives carries the trace context the outbox writer
+// stored in the message's headers (see HandlerConfig.Propagator) and the
+// deadline cfg.Timeout.
 //
 // An ack that is lost makes JetStream redeliver the message, which is then
 // acked as a duplicate. Every failure is logged to cfg.Logger. The handler
@@ -70,6 +80,7 @@ func (p *Processor) Handler(cfg HandlerConfig, fn func(ctx context.Context, tx *
 		nakDelay: positiveOr(cfg.NakDelay, defaultNakDelay),
 		timeout:  positiveOr(cfg.Timeout, defaultTimeout),
 		log:      cmp.Or(cfg.Logger, p.log),
+		prop:     cfg.Propagator,
 	}
 	return h.handle
 }
@@ -81,6 +92,7 @@ type msgHandler struct {
 	nakDelay time.Duration
 	timeout  time.Duration
 	log      *slog.Logger
+	prop     propagation.TextMapPropagator // nil: the global one
 }
 
 func (h *msgHandler) handle(msg jetstream.Msg) {
@@ -91,7 +103,7 @@ func (h *msgHandler) handle(msg jetstream.Msg) {
 		return
 	}
 
-	ctx, cancel := context.WithTimeout(context.Background(), h.timeout)
+	ctx, cancel := context.WithTimeout(traceContext(context.Background(), h.prop, msg.Headers()), h.timeout)
 	defer cancel()
 	_, err := h.p.Process(ctx, h.consumer, id, func(ctx context.Context, tx *sqlx.Tx) error {
 		return h.fn(ctx, tx, msg)

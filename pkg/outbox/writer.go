@@ -19,6 +19,7 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/lib/pq"
+	"go.opentelemetry.io/otel/propagation"
 
 	"github.com/pgnats/outbox/schema"
 )
@@ -43,8 +44,9 @@ type Event struct {
 	// are and must be valid JSON; any other value is marshalled with
 	// encoding/json.
 	Data any
-	// Headers are extra NATS headers (trace context and the like). Names
-	// starting with "Nats-" or "Outbox-" are reserved.
+	// Headers are extra NATS headers. Names starting with "Nats-" or
+	// "Outbox-" are reserved. Write adds the trace context of its ctx (see
+	// Config.Propagator) unless Headers already holds one.
 	Headers map[string]string
 }
 
@@ -66,6 +68,13 @@ type Config struct {
 	MaxBytes int
 	// NewID makes event ids. Default uuid.NewV7 (time-ordered).
 	NewID func() (uuid.UUID, error)
+	// Propagator injects the trace context of Write's ctx into each
+	// event's headers ("traceparent" and "tracestate" with
+	// propagation.TraceContext), unless the event already carries a header
+	// the propagator owns. Default: otel.GetTextMapPropagator(), read on
+	// each Write, which adds nothing until the application sets one (for
+	// example otel.SetTextMapPropagator(propagation.TraceContext{})).
+	Propagator propagation.TextMapPropagator
 }
 
 // Writer inserts events. It holds no connection and is safe for concurrent
@@ -74,6 +83,7 @@ type Writer struct {
 	table    schema.Name
 	maxBytes int
 	newID    func() (uuid.UUID, error)
+	prop     propagation.TextMapPropagator // nil: the global one
 	insert   string
 }
 
@@ -95,6 +105,7 @@ func NewWriter(cfg Config) (*Writer, error) {
 		table:    table,
 		maxBytes: cmp.Or(cfg.MaxBytes, DefaultMaxBytes),
 		newID:    newID,
+		prop:     cfg.Propagator,
 		insert: `INSERT INTO ` + table.Quoted() + `
 			(event_id, event_target, event_type, entity_type, entity_id, event_data, headers)
 			SELECT id, target, typ, etype, eid, data::jsonb, hdrs::jsonb
@@ -108,6 +119,8 @@ func NewWriter(cfg Config) (*Writer, error) {
 // tx and returns their ids in the order given. If any event is invalid it
 // returns an error matching ErrInvalidEvent (a *ValidationError) before any
 // SQL runs, so tx is still usable. Events are published in the order given.
+// The trace context of ctx is added to each event's headers (see
+// Config.Propagator), so consumers can continue the trace.
 func (w *Writer) Write(ctx context.Context, tx Execer, events ...Event) ([]uuid.UUID, error) {
 	if len(events) == 0 {
 		return nil, nil
@@ -123,7 +136,9 @@ func (w *Writer) Write(ctx context.Context, tx Execer, events ...Event) ([]uuid.
 		data    = make([]string, n)
 		headers = make([]string, n)
 	)
+	trace := w.traceOf(ctx)
 	for i, ev := range events {
+		ev.Headers = trace.apply(ev.Headers)
 		p, err := w.prepare(i, ev)
 		if err != nil {
 			return nil, err

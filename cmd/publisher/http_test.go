@@ -1,0 +1,153 @@
+package main
+
+import (
+	"bytes"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/pgnats/outbox/internal/poller"
+	"github.com/pgnats/outbox/internal/testenv"
+)
+
+// request sends a request to h and returns the status and body.
+func request(t *testing.T, h http.Handler, method, path string) (int, string) {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequestWithContext(t.Context(), method, path, nil))
+	body, err := io.ReadAll(rec.Result().Body)
+	require.NoError(t, err)
+	return rec.Code, string(body)
+}
+
+func readyBody(t *testing.T, body string) readyReport {
+	t.Helper()
+	var r readyReport
+	require.NoError(t, json.Unmarshal([]byte(body), &r), body)
+	return r
+}
+
+func TestHTTPEndpoints(t *testing.T) {
+	t.Parallel()
+	discard := slog.New(slog.DiscardHandler)
+	m := poller.NewMetrics()
+	m.Leader.Set(1)
+
+	t.Run("healthz answers while starting, readyz does not", func(t *testing.T) {
+		t.Parallel()
+		h := newHTTPHandler(newRegistry(poller.NewMetrics()), &readiness{}, discard)
+		code, body := request(t, h, http.MethodGet, pathHealthz)
+		require.Equal(t, http.StatusOK, code)
+		require.Equal(t, "ok\n", body)
+		code, body = request(t, h, http.MethodGet, pathReadyz)
+		require.Equal(t, http.StatusServiceUnavailable, code)
+		require.Equal(t, readyReport{Role: roleStarting, Database: "not connected yet", NATS: "not connected yet"}, readyBody(t, body))
+	})
+
+	t.Run("ready when database and broker answer; standby until elected", func(t *testing.T) {
+		t.Parallel()
+		db := testenv.NewDB(t)
+		nc, _ := testenv.NATS(t)
+		var rd readiness
+		rd.db.Store(db.DB.DB)
+		rd.nc.Store(nc)
+		h := newHTTPHandler(newRegistry(m), &rd, discard)
+		code, body := request(t, h, http.MethodGet, pathReadyz)
+		require.Equal(t, http.StatusOK, code, body)
+		require.Equal(t, readyReport{Ready: true, Role: roleStarting, Database: "ok", NATS: "ok"}, readyBody(t, body))
+
+		p, err := poller.New(poller.Config{DB: db.DB.DB, DSN: db.DSN, NATS: nc})
+		require.NoError(t, err)
+		rd.poller.Store(p)
+		_, body = request(t, h, http.MethodGet, pathReadyz)
+		require.Equal(t, roleStandby, readyBody(t, body).Role, "a poller that does not lead stands by")
+
+		nc.Close()
+		code, body = request(t, h, http.MethodGet, pathReadyz)
+		require.Equal(t, http.StatusServiceUnavailable, code)
+		require.Equal(t, "connection CLOSED", readyBody(t, body).NATS)
+	})
+
+	t.Run("unreachable database is not ready", func(t *testing.T) {
+		t.Parallel()
+		db, err := sql.Open("postgres", "postgres://postgres@127.0.0.1:1/test?sslmode=disable&connect_timeout=1")
+		require.NoError(t, err)
+		t.Cleanup(func() { db.Close() })
+		var rd readiness
+		rd.db.Store(db)
+		code, body := request(t, newHTTPHandler(newRegistry(poller.NewMetrics()), &rd, discard), http.MethodGet, pathReadyz)
+		require.Equal(t, http.StatusServiceUnavailable, code)
+		require.True(t, strings.HasPrefix(readyBody(t, body).Database, "unreachable: "), body)
+	})
+
+	t.Run("metrics in the text format", func(t *testing.T) {
+		t.Parallel()
+		h := newHTTPHandler(newRegistry(m), &readiness{}, discard)
+		code, body := request(t, h, http.MethodGet, pathMetrics)
+		require.Equal(t, http.StatusOK, code)
+		require.Contains(t, body, "\noutbox_leader 1\n")
+		require.Contains(t, body, `outbox_events_published_total{outcome="success"} 0`)
+		require.Contains(t, body, "\ngo_goroutines ")
+	})
+
+	t.Run("only GET", func(t *testing.T) {
+		t.Parallel()
+		h := newHTTPHandler(newRegistry(poller.NewMetrics()), &readiness{}, discard)
+		code, _ := request(t, h, http.MethodPost, pathHealthz)
+		require.Equal(t, http.StatusMethodNotAllowed, code)
+		code, _ = request(t, h, http.MethodGet, "/nothing")
+		require.Equal(t, http.StatusNotFound, code)
+	})
+}
+
+// TestRunStartErrors checks that each error run can meet at start says what
+// was wrong and what to do, with the exit status it maps to.
+func TestRunStartErrors(t *testing.T) {
+	t.Parallel()
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	t.Cleanup(func() { busy.Close() })
+	const noDB = "postgres://postgres@127.0.0.1:1/test?sslmode=disable"
+
+	for _, tc := range []struct {
+		name  string
+		args  []string
+		usage bool     // exit 2, else 1
+		want  []string // in the message
+	}{
+		{"http address without port", []string{"--http-addr", "localhost"}, true,
+			[]string{`--http-addr "localhost"`, "use host:port, e.g. :9090"}},
+		{"http address in use", []string{"--http-addr", busy.Addr().String()}, false,
+			[]string{"serve HTTP on --http-addr " + busy.Addr().String(), "address already in use", "choose a free address"}},
+		{"bad metrics schedule", []string{"--metrics-schedule", "often"}, true,
+			[]string{`--metrics-schedule "often"`, `"@every 30s"`}},
+		{"bad backlog schedule", []string{"--backlog-schedule", "* *"}, true,
+			[]string{`--backlog-schedule "* *"`, "cron expression"}},
+		{"negative retention", []string{"--retention", "-1h"}, true, []string{"--retention must not be negative"}},
+		{"bad stream storage", []string{"--stream-storage", "disk"}, true, []string{`--stream-storage "disk": use file or memory`}},
+		{"zero poll interval", []string{"--poll-interval", "0s"}, true, []string{"--poll-interval must be positive"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			var stderr bytes.Buffer
+			args := append([]string{"run", "--database-url", noDB, "--backoff-max", "100ms"}, tc.args...)
+			err := run(t.Context(), args, io.Discard, &stderr)
+			require.Error(t, err)
+			require.Equal(t, tc.usage, isUsage(err), "usage error (exit 2) or not (exit 1): %v", err)
+			for _, w := range tc.want {
+				require.Contains(t, err.Error(), w)
+			}
+		})
+	}
+}
+
+func isUsage(err error) bool { return errors.As(err, new(usageError)) }
