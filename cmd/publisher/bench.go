@@ -69,12 +69,7 @@ Takes about a minute with the defaults.`)
 		cfg.SweepBatches = []int{50, 100, 250, 500, 1000, 2000}
 	}
 	cfg.DatabaseURL, cfg.NATSURL = o.databaseURL, natsURL
-	cfg.Progress = stderr
-	if f, ok := stderr.(*os.File); ok {
-		if fi, err := f.Stat(); err == nil && fi.Mode()&os.ModeCharDevice != 0 {
-			cfg.TTY = true
-		}
-	}
+	cfg.Progress, cfg.TTY = stderr, isTerminal(stderr)
 	if !noIdle {
 		exe, err := os.Executable()
 		if err != nil {
