@@ -281,9 +281,6 @@ func (p *Poller) Run(ctx context.Context) error {
 			lastWork = time.Now()
 		}
 		switch {
-		case n >= p.cfg.BatchSize, p.inflight != nil:
-			// More may be waiting, or a batch is in flight: claim again at
-			// once (the next step finishes the batch in flight).
 		case sleeping:
 			// The last look, under the sleep lock, is done: sleep unless it
 			// found work, then stop the writers' NOTIFYs.
@@ -291,6 +288,9 @@ func (p *Poller) Run(ctx context.Context) error {
 				p.sleep(ctx, p.cfg.PollInterval, wake)
 			}
 			sleeping = !p.wakeUp(ctx)
+		case n >= p.cfg.BatchSize, p.inflight != nil:
+			// More may be waiting, or a batch is in flight: claim again at
+			// once (the next step finishes the batch in flight).
 		case time.Since(lastWork) < idleAfter:
 			p.sleep(ctx, activePoll, wake)
 		case p.cfg.NoListen:
