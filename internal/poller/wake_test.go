@@ -1,0 +1,57 @@
+package poller_test
+
+import (
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/pgnats/outbox/internal/testenv"
+	"github.com/pgnats/outbox/schema"
+)
+
+// sleeping reports whether a publisher holds the sleep lock of the test's
+// events table, i.e. waits for a NOTIFY.
+func (b *bundle) sleeping(t *testing.T) bool {
+	return b.scalar(t, `SELECT count(*) FROM pg_locks
+		WHERE locktype = 'advisory' AND classid = $1::bigint::oid
+		  AND objid = to_regclass('events')::oid AND objsubid = 2 AND granted`,
+		schema.SleepLockNamespace) == 1
+}
+
+// A publisher with nothing to do goes to sleep on the sleep lock; an insert
+// then NOTIFYs it, and the event is published long before the fallback poll
+// would have found it. Per poll, the publisher would wait an hour here.
+func TestNotifyWakesASleepingPublisher(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	cfg := fastConfig()
+	cfg.PollInterval = time.Hour
+	b.start(t, cfg)
+
+	for round := range 3 {
+		testenv.Eventually(t, 10*time.Second, func() bool { return b.sleeping(t) },
+			"round %d: the idle publisher sleeps", round)
+		b.write(t, changes(b.prefix+".order.changed", 1, 1)...)
+		testenv.Eventually(t, 20*time.Second, func() bool { return b.count(t, "SUCCESS") == round+1 },
+			"round %d: the NOTIFY woke the publisher", round)
+	}
+}
+
+// With --no-listen the publisher never takes the sleep lock, so writers
+// never NOTIFY; it finds events by polling.
+func TestPollOnlyPublisherNeverSleepsOnTheLock(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	cfg := fastConfig()
+	cfg.NoListen = true
+	p := b.start(t, cfg)
+	b.write(t, changes(b.prefix+".order.changed", 2, 5)...)
+	testenv.Eventually(t, 20*time.Second, func() bool { return b.count(t, "SUCCESS") == 10 }, "polled and published")
+	require.Positive(t, p.Stats().Batches)
+	// Watch it idle for four times as long as a listening publisher takes
+	// to fall asleep: it never takes the lock.
+	for end := time.Now().Add(time.Second); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+		require.False(t, b.sleeping(t), "a poll-only publisher took the sleep lock")
+	}
+}
