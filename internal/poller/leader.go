@@ -101,12 +101,18 @@ func (l *leader) lock(ctx context.Context, db *sql.Conn) (bool, int, error) {
 	secs := strconv.Itoa(max(1, int(l.timeout/time.Second)))
 	// Settings first, so a leader that hangs right after winning still
 	// loses the lock in time.
-	if _, err := db.ExecContext(ctx, `SELECT set_config('idle_session_timeout', $1, false),
-			set_config('tcp_keepalives_idle', $2, false),
+	if _, err := db.ExecContext(ctx, `SELECT set_config('tcp_keepalives_idle', $1, false),
 			set_config('tcp_keepalives_interval', '1', false),
 			set_config('tcp_keepalives_count', '3', false),
-			set_config('application_name', 'pgnats-outbox leader', false)`,
-		strconv.Itoa(int(l.timeout/time.Millisecond)), secs); err != nil {
+			set_config('application_name', 'pgnats-outbox leader', false)`, secs); err != nil {
+		return false, 0, fmt.Errorf("configure leader connection: %w", err)
+	}
+	// idle_session_timeout exists from PostgreSQL 14; on 13 a hung leader
+	// loses its lock through the keepalives alone, and only if its host
+	// stops answering them.
+	if _, err := db.ExecContext(ctx, `SELECT set_config('idle_session_timeout', $1, false)
+			WHERE current_setting('server_version_num')::int >= 140000`,
+		strconv.Itoa(int(l.timeout/time.Millisecond))); err != nil {
 		return false, 0, fmt.Errorf("configure leader connection: %w", err)
 	}
 	var (
