@@ -14,6 +14,7 @@ import (
 
 	"github.com/pgnats/outbox/internal/testenv"
 	"github.com/pgnats/outbox/pkg/outbox"
+	"github.com/pgnats/outbox/schema"
 )
 
 // TestCLI runs the publisher's management commands as a user would and
@@ -260,7 +261,7 @@ func emptySchema(t *testing.T) (string, *sqlx.DB) {
 		_, _ = admin.Exec(`DROP SCHEMA ` + name + ` CASCADE`)
 		admin.Close()
 	})
-	dsn := testenv.WithSearchPath(testenv.DatabaseURL(), name)
+	dsn := schema.WithSearchPath(testenv.DatabaseURL(), name)
 	db, err := sqlx.Open("postgres", dsn)
 	require.NoError(t, err)
 	t.Cleanup(func() { db.Close() })

@@ -182,7 +182,7 @@ func newSchema(t *testing.T) (db *sql.DB, admin *sql.DB, name string) {
 	require.NoError(t, err)
 	t.Cleanup(func() { _, _ = admin.Exec(`DROP SCHEMA ` + name + ` CASCADE`) })
 
-	db, err = sql.Open("postgres", testenv.WithSearchPath(testenv.DatabaseURL(), name))
+	db, err = sql.Open("postgres", schema.WithSearchPath(testenv.DatabaseURL(), name))
 	require.NoError(t, err)
 	t.Cleanup(func() { db.Close() })
 	return db, admin, name

@@ -162,6 +162,3 @@ func Eventually(t testing.TB, timeout time.Duration, cond func() bool, msg strin
 		time.Sleep(20 * time.Millisecond)
 	}
 }
-
-// WithSearchPath is schema.WithSearchPath, for tests' convenience.
-func WithSearchPath(dsn, schemaName string) string { return schema.WithSearchPath(dsn, schemaName) }
