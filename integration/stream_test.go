@@ -17,6 +17,7 @@ type streamMsg struct {
 	msgID   string // Nats-Msg-Id
 	eventID string // outbox event id header
 	entity  string // entity id header
+	replay  string // Outbox-Replay header: the replay's run id, or empty
 	data    payload
 }
 
@@ -41,7 +42,8 @@ func readStream(t *testing.T, js jetstream.JetStream, stream string) []streamMsg
 		for m := range batch.Messages() {
 			got++
 			h := m.Headers()
-			sm := streamMsg{msgID: h.Get(jetstream.MsgIDHeader), eventID: h.Get(outbox.HeaderEventID), entity: h.Get(outbox.HeaderEntityID)}
+			sm := streamMsg{msgID: h.Get(jetstream.MsgIDHeader), eventID: h.Get(outbox.HeaderEventID),
+				entity: h.Get(outbox.HeaderEntityID), replay: h.Get(outbox.HeaderReplay)}
 			require.NoError(t, json.Unmarshal(m.Data(), &sm.data), "payload of %s", sm.msgID)
 			out = append(out, sm)
 		}

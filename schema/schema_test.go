@@ -3,10 +3,13 @@ package schema_test
 import (
 	"context"
 	"database/sql"
+	"errors"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
 
+	"github.com/lib/pq"
 	"github.com/stretchr/testify/require"
 
 	"github.com/pgnats/outbox/internal/testenv"
@@ -335,4 +338,78 @@ func TestMigrate(t *testing.T) {
 		require.Nil(t, applied)
 		require.False(t, exists(t, db, "events_migrations"))
 	})
+}
+
+// nameSpec is what ParseName must accept: an identifier of letters, digits
+// and underscores, not starting with a digit, at most 63 characters,
+// optionally qualified by a schema of the same form.
+var nameSpec = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$`)
+
+func FuzzParseName(f *testing.F) {
+	for _, s := range []string{
+		"events", "s.events", "_", "_.x", "Billing.Events_2", strings.Repeat("a", 63), strings.Repeat("a", 64),
+		strings.Repeat("b", 63) + "." + strings.Repeat("c", 63), "", ".", "a.", ".a", "a.b.c", "1a", "a-b",
+		`"x"`, `a"b`, "events; drop table x", "évents", "events\n", "\nevents", "a\x00b", "select", "user.table",
+	} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		n, err := schema.ParseName(s)
+		if !nameSpec.MatchString(s) {
+			if err == nil {
+				t.Fatalf("accepted %q, which is not a plain or schema-qualified identifier", s)
+			}
+			if !errors.Is(err, schema.ErrInvalidName) {
+				t.Fatalf("rejected %q with %v, not ErrInvalidName", s, err)
+			}
+			return
+		}
+		if err != nil {
+			t.Fatalf("rejected %q: %v", s, err)
+		}
+		if n.String() != s {
+			t.Fatalf("ParseName(%q).String() = %q", s, n.String())
+		}
+		// Identifiers hold no quote, so quoting is wrapping each part.
+		want := `"` + strings.ReplaceAll(s, ".", `"."`) + `"`
+		if n.Quoted() != want {
+			t.Fatalf("ParseName(%q).Quoted() = %s, want %s", s, n.Quoted(), want)
+		}
+	})
+}
+
+// TestNameQuotedRoundTripsThroughPostgres checks with PostgreSQL itself
+// that Quoted() names exactly the identifiers given, as quote_ident does,
+// whatever their case and even when they are reserved words.
+func TestNameQuotedRoundTripsThroughPostgres(t *testing.T) {
+	t.Parallel()
+	db, _, _ := newSchema(t)
+	for _, s := range []string{
+		"events", "Events", "_", "select", "user", "s.events", "Billing.Events_2", "public.order",
+		strings.Repeat("a", 63), strings.Repeat("Z", 63) + "." + strings.Repeat("_", 63),
+	} {
+		t.Run(s, func(t *testing.T) {
+			n, err := schema.ParseName(s)
+			require.NoError(t, err)
+			parts := []string{n.Table}
+			if n.Schema != "" {
+				parts = []string{n.Schema, n.Table}
+			}
+			var fromQuoted, fromQuoteIdent []string
+			require.NoError(t, db.QueryRow(`SELECT parse_ident($1)`, n.Quoted()).Scan(pq.Array(&fromQuoted)))
+			require.NoError(t, db.QueryRow(`SELECT parse_ident(array_to_string(
+				ARRAY(SELECT quote_ident(p) FROM unnest($1::text[]) AS p), '.'))`, pq.Array(parts)).Scan(pq.Array(&fromQuoteIdent)))
+			require.Equal(t, parts, fromQuoted, "parse_ident(%s)", n.Quoted())
+			require.Equal(t, fromQuoteIdent, fromQuoted)
+
+			if n.Schema == "" {
+				// The table created through Quoted() is the one quote_ident names.
+				_, err := db.Exec(`CREATE TABLE ` + n.Quoted() + ` (id int)`)
+				require.NoError(t, err)
+				var found bool
+				require.NoError(t, db.QueryRow(`SELECT to_regclass(quote_ident($1)) IS NOT NULL`, n.Table).Scan(&found))
+				require.True(t, found, "quote_ident(%q) does not name the table %s created", n.Table, n.Quoted())
+			}
+		})
+	}
 }

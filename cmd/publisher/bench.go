@@ -19,7 +19,8 @@ import (
 func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var (
 		o              common
-		natsURL, rates string
+		natsOpts       natsOptions
+		rates          string
 		asJSON, noIdle bool
 		sweep          bool
 		plotFile       string
@@ -34,7 +35,7 @@ backlog, commit-to-consumer latency at offered rates, writer throughput
 with the NOTIFY trigger on and off, and an idle publisher's CPU and memory.
 Takes about a minute with the defaults.`)
 	o.register(c)
-	c.String(&natsURL, "nats-url", defaultNATSURL, "NATS server URL", "NATS_URL")
+	natsOpts.register(c, "NATS server URL")
 	c.Int(&cfg.Events, "events", 50000, "events in the backlog to drain")
 	c.Int(&cfg.Payload, "payload", 256, "payload bytes per event")
 	c.Int(&cfg.Entities, "entities", 1000, "entities the events spread over")
@@ -49,6 +50,9 @@ Takes about a minute with the defaults.`)
 	c.String(&cpuProfile, "cpuprofile", "", "write a CPU profile of the bench process (writers, publisher loop, consumer) to this file")
 	c.Bool(&asJSON, "json", false, "print one JSON object")
 	if err := c.parse(args, stdout); err != nil {
+		return err
+	}
+	if err := natsOpts.check("bench"); err != nil {
 		return err
 	}
 	if cfg.Events < 1 || cfg.Payload < 2 || cfg.Entities < 1 || cfg.BatchSize < 1 || cfg.Writers < 1 || cfg.Duration <= 0 {
@@ -68,7 +72,12 @@ Takes about a minute with the defaults.`)
 		cfg.SweepRates = []int{500, 1000, 2000, 5000, 10000, 20000}
 		cfg.SweepBatches = []int{50, 100, 250, 500, 1000, 2000}
 	}
-	cfg.DatabaseURL, cfg.NATSURL = o.databaseURL, natsURL
+	cfg.DatabaseURL, cfg.NATSURL = o.databaseURL, natsOpts.url
+	nopts, err := natsOpts.options()
+	if err != nil {
+		return err
+	}
+	cfg.NATSOptions, cfg.NATSURLShown, cfg.PublisherEnv = nopts, redactNATS(natsOpts.url), natsOpts.env()
 	cfg.Progress, cfg.TTY = stderr, isTerminal(stderr)
 	if !noIdle {
 		exe, err := os.Executable()

@@ -5,6 +5,7 @@
 //	publisher migrate         create or upgrade the tables
 //	publisher status          counts, backlog, blocked entities, FAILED rows
 //	publisher requeue         put FAILED events back to READY
+//	publisher replay          publish SUCCESS events again
 //	publisher bench           measure throughput and latency here
 //	publisher version         print the version
 //
@@ -49,12 +50,13 @@ func subcommands() map[string]subcommand {
 		"migrate": {"create or upgrade the outbox tables (--print shows the SQL)", runMigrate},
 		"status":  {"show counts, backlog, blocked entities and FAILED events", runStatus},
 		"requeue": {"put FAILED events back to READY", runRequeue},
+		"replay":  {"publish SUCCESS events again, by entity, seq or time range", runReplay},
 		"bench":   {"measure throughput and latency on this machine", runBench},
 		"version": {"print the version", runVersion},
 	}
 }
 
-var order = []string{"run", "migrate", "status", "requeue", "bench", "version"}
+var order = []string{"run", "migrate", "status", "requeue", "replay", "bench", "version"}
 
 // run dispatches to a subcommand; with no subcommand (or only flags) it runs
 // the publisher.

@@ -5,28 +5,37 @@ import (
 	"fmt"
 	"io"
 	"strings"
+	"time"
 
 	"github.com/pgnats/outbox/internal/poller"
 )
 
 func runRequeue(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var (
-		o      common
-		ids    string
-		entity string
-		all    bool
-		dryRun bool
+		o       common
+		ids     string
+		entity  string
+		all     bool
+		dryRun  bool
+		since   string
+		until   string
+		errText string
 	)
 	c := newCommand("requeue", "", `
 Put FAILED events back to READY with their attempts reset, so the publisher
 tries them again at once (fix what made them fail first: create the missing
-stream, raise the size limit). Choose the events with exactly one of --id,
---entity or --all. Their entities stop being blocked; waiting events follow
-in order.`)
+stream, raise the size limit). Choose the events with one of --id, --entity
+or --all, or with the filters --since, --until and --error-contains; the
+filters combine with each other and with --id or --entity (an event must
+match all). Their entities stop being blocked; waiting events follow in
+order.`)
 	o.register(c)
 	c.String(&ids, "id", "", "comma-separated event ids")
 	c.String(&entity, "entity", "", "every FAILED event of one entity, as TYPE/ID")
 	c.Bool(&all, "all", false, "every FAILED event")
+	c.String(&since, "since", "", "only events created at or after this time: RFC 3339, or a duration ago (2h)")
+	c.String(&until, "until", "", "only events created before this time: RFC 3339, or a duration ago (30m)")
+	c.String(&errText, "error-contains", "", "only events whose last error contains this text (case-insensitive, matched literally)")
 	c.Bool(&dryRun, "dry-run", false, "only count the events that would be requeued")
 	if err := c.parse(args, stdout); err != nil {
 		return err
@@ -53,8 +62,17 @@ in order.`)
 		chosen++
 		f.All = true
 	}
-	if chosen != 1 {
-		return usagef("requeue: choose events with exactly one of --id, --entity or --all")
+	var err error
+	if f.Since, f.Until, err = parseRange("requeue", since, until, time.Now()); err != nil {
+		return err
+	}
+	f.ErrorContains = errText
+	filtered := !f.Since.IsZero() || !f.Until.IsZero() || errText != ""
+	switch {
+	case chosen > 1 || chosen == 0 && !filtered:
+		return usagef("requeue: choose events with exactly one of --id, --entity or --all, or with --since, --until or --error-contains")
+	case all && filtered:
+		return usagef("requeue: --all selects every FAILED event; drop it to filter with --since, --until or --error-contains")
 	}
 	db, err := openDB(ctx, o.databaseURL)
 	if err != nil {

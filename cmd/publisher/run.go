@@ -17,7 +17,7 @@ import (
 
 type runOptions struct {
 	common
-	natsURL         string
+	nats            natsOptions
 	batchSize       int
 	pollInterval    time.Duration
 	noListen        bool
@@ -34,6 +34,7 @@ type runOptions struct {
 	backlogEvery    string
 	retentionEvery  string
 	retention       time.Duration
+	processed       processedRetention
 	httpAddr        string
 	metricsEvery    string
 }
@@ -48,7 +49,7 @@ started against the same table wait as standbys and take over within
 seconds when it dies. SIGTERM or SIGINT: stop claiming, finish the batch in
 flight, exit 0.`)
 	o.common.register(c)
-	c.String(&o.natsURL, "nats-url", defaultNATSURL, "NATS server URL(s), comma-separated", "NATS_URL")
+	o.nats.register(c, "NATS server URL(s), comma-separated")
 	c.Int(&o.batchSize, "batch-size", 500, "most events claimed and published at once")
 	c.Duration(&o.pollInterval, "poll-interval", time.Second, "fallback poll when no NOTIFY arrives")
 	c.Bool(&o.noListen, "no-listen", false, "poll only; do not LISTEN for the insert trigger's NOTIFY")
@@ -63,8 +64,9 @@ flight, exit 0.`)
 	c.Duration(&o.duplicateWindow, "duplicate-window", 2*time.Minute, "with --create-stream: the stream's duplicate window")
 	c.String(&o.streamStorage, "stream-storage", "file", "with --create-stream: file or memory")
 	c.String(&o.backlogEvery, "backlog-schedule", "@every 1m", "cron schedule of the backlog log line (empty: off)")
-	c.String(&o.retentionEvery, "retention-schedule", "@every 10m", "cron schedule of the retention delete, when --retention is set")
+	c.String(&o.retentionEvery, "retention-schedule", "@every 10m", "cron schedule of the retention deletes, when --retention or --processed-retention is set")
 	c.Duration(&o.retention, "retention", 0, "delete SUCCESS events published longer ago than this (0: keep them; the table is also the entities' history)")
+	o.processed.register(c)
 	c.String(&o.httpAddr, "http-addr", "", "serve /metrics, /healthz and /readyz on this host:port, e.g. :9090 (empty: no HTTP)")
 	c.String(&o.metricsEvery, "metrics-schedule", "@every 15s", "with --http-addr: cron schedule of the backlog gauges' refresh query")
 	if err := c.parse(args, stdout); err != nil {
@@ -77,6 +79,9 @@ flight, exit 0.`)
 	if o.batchSize < 1 || o.maxAttempts < 1 {
 		return usagef("run: --batch-size and --max-attempts must be at least 1")
 	}
+	if err := o.nats.check("run"); err != nil {
+		return err
+	}
 	for name, d := range map[string]time.Duration{"poll-interval": o.pollInterval, "ack-timeout": o.ackTimeout,
 		"retry-base": o.retryBase, "retry-max": o.retryMax, "backoff-max": o.backoffMax, "leader-timeout": o.leaderTimeout} {
 		if d <= 0 {
@@ -85,6 +90,9 @@ flight, exit 0.`)
 	}
 	if o.retention < 0 {
 		return usagef("run: --retention must not be negative")
+	}
+	if err := o.processed.validate(); err != nil {
+		return err
 	}
 	if o.streamStorage != "file" && o.streamStorage != "memory" {
 		return usagef("run: --stream-storage %q: use file or memory", o.streamStorage)
@@ -101,7 +109,7 @@ flight, exit 0.`)
 		}
 	}
 
-	log.Info("publisher starting", "table", o.table, "database", redact(o.databaseURL), "nats", redact(o.natsURL),
+	log.Info("publisher starting", "table", o.table, "database", redact(o.databaseURL), "nats", redactNATS(o.nats.url),
 		"batch_size", o.batchSize, "listen", !o.noListen, "poll_interval", o.pollInterval)
 	metrics := poller.NewMetrics()
 	var ready readiness
@@ -119,7 +127,7 @@ flight, exit 0.`)
 	}
 	defer db.Close()
 	ready.db.Store(db)
-	nc, err := connectNATS(o.natsURL, true, log, metrics.NATSReconnects.Inc)
+	nc, err := connectNATS(o.nats, true, log, metrics.NATSReconnects.Inc)
 	if err != nil {
 		return err
 	}
@@ -151,9 +159,16 @@ flight, exit 0.`)
 		log.Warn("could not check streams at start", "err", err)
 	}
 	cancel()
+	if err := o.processed.check(ctx, db, js, o.table, log); err != nil {
+		return err
+	}
 	hk := poller.Housekeeping{DB: db, Table: o.table, Logger: log, BacklogSchedule: o.backlogEvery}
 	if o.retention > 0 {
 		hk.RetentionSchedule, hk.Retention = o.retentionEvery, o.retention
+	}
+	if o.processed.retention > 0 {
+		hk.RetentionSchedule = o.retentionEvery
+		hk.ProcessedRetention, hk.ProcessedTable = o.processed.retention, o.processed.table
 	}
 	if o.httpAddr != "" {
 		hk.MetricsSchedule, hk.Metrics = o.metricsEvery, metrics

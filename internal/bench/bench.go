@@ -34,15 +34,22 @@ import (
 type Config struct {
 	DatabaseURL string
 	NATSURL     string
-	Events      int           // backlog drained [50000]
-	Payload     int           // payload bytes [256]
-	Entities    int           // entities the backlog spreads over [1000]
-	BatchSize   int           // publisher batch size [500]
-	Rates       []int         // offered rates for latency, events/s [2000]
-	Duration    time.Duration // length of each latency run [20s]
-	WriteFor    time.Duration // length of each writer-throughput run [3s]
-	Writers     int           // concurrent writer transactions [4]
-	IdleFor     time.Duration // idle window for CPU and RSS [10s]
+	// NATSOptions (credentials, TLS) are added to the bench's NATS
+	// connection; NATSURLShown is NATSURL as messages show it (without
+	// credentials); PublisherEnv is added to the environment of the
+	// publisher started for the idle measurement.
+	NATSOptions  []nats.Option
+	NATSURLShown string
+	PublisherEnv []string
+	Events       int           // backlog drained [50000]
+	Payload      int           // payload bytes [256]
+	Entities     int           // entities the backlog spreads over [1000]
+	BatchSize    int           // publisher batch size [500]
+	Rates        []int         // offered rates for latency, events/s [2000]
+	Duration     time.Duration // length of each latency run [20s]
+	WriteFor     time.Duration // length of each writer-throughput run [3s]
+	Writers      int           // concurrent writer transactions [4]
+	IdleFor      time.Duration // idle window for CPU and RSS [10s]
 	// SweepRates and SweepBatches, when set, add a sweep: latency at each
 	// rate for SweepDuration, and drain throughput at each batch size.
 	SweepRates    []int
@@ -258,8 +265,8 @@ func setup(ctx context.Context, cfg Config) (*env, func(), error) {
 	if e.w, err = outbox.NewWriter(outbox.Config{}); err != nil {
 		return fail(err)
 	}
-	if e.nc, err = nats.Connect(cfg.NATSURL, nats.ReconnectBufSize(-1)); err != nil {
-		return fail(fmt.Errorf("NATS is unreachable at %s: %w (start nats-server -js, or set --nats-url / NATS_URL)", cfg.NATSURL, err))
+	if e.nc, err = nats.Connect(cfg.NATSURL, append([]nats.Option{nats.ReconnectBufSize(-1)}, cfg.NATSOptions...)...); err != nil {
+		return fail(fmt.Errorf("NATS is unreachable at %s: %w (start nats-server -js, or set --nats-url / NATS_URL)", cfg.NATSURLShown, err))
 	}
 	cleanups = append(cleanups, e.nc.Close)
 	if e.js, err = jetstream.New(e.nc); err != nil {

@@ -25,7 +25,11 @@ func (e *env) idle(ctx context.Context) (cpuPercent, rssMiB float64, err error) 
 		return 0, 0, err
 	}
 	var logs lockedBuffer
-	cmd := exec.CommandContext(ctx, e.cfg.PublisherBin, "run", "--database-url", e.dsn, "--nats-url", e.cfg.NATSURL)
+	cmd := exec.CommandContext(ctx, e.cfg.PublisherBin, "run")
+	// Through the environment: the command line, which other users of
+	// the host can read, would show passwords and tokens.
+	cmd.Env = append(os.Environ(), append(e.cfg.PublisherEnv,
+		"OUTBOX_DATABASE_URL="+e.dsn, "OUTBOX_NATS_URL="+e.cfg.NATSURL)...)
 	cmd.Stderr = &logs
 	if err := cmd.Start(); err != nil {
 		return 0, 0, err

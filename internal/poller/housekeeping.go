@@ -1,6 +1,7 @@
 package poller
 
 import (
+	"cmp"
 	"context"
 	"database/sql"
 	"fmt"
@@ -29,6 +30,15 @@ type Housekeeping struct {
 	RetentionSchedule string
 	Retention         time.Duration
 
+	// ProcessedRetention, when positive, also deletes on RetentionSchedule
+	// the rows of ProcessedTable (pkg/dedup's processed-message table,
+	// default "processed_message") processed more than ProcessedRetention
+	// ago, in batches of deleteBatch rows. Keep it at least as long as the
+	// max_age of the streams consumers read (see CheckProcessedRetention):
+	// a message redelivered after its row is gone would be handled again.
+	ProcessedRetention time.Duration
+	ProcessedTable     string
+
 	// MetricsSchedule refreshes the backlog gauges of Metrics (READY,
 	// retrying and FAILED counts, the oldest READY age, blocked entities),
 	// once at start and then on this schedule, so a scrape never runs a
@@ -48,7 +58,11 @@ func StartHousekeeping(ctx context.Context, h Housekeeping) (stop func(), err er
 	if err != nil {
 		return nil, err
 	}
-	if h.RetentionSchedule != "" && h.Retention <= 0 {
+	processed, err := schema.ParseName(cmp.Or(h.ProcessedTable, schema.DefaultProcessed))
+	if err != nil {
+		return nil, err
+	}
+	if h.RetentionSchedule != "" && h.Retention <= 0 && h.ProcessedRetention <= 0 {
 		return nil, fmt.Errorf("housekeeping: a retention schedule needs a positive retention")
 	}
 	if h.Logger == nil {
@@ -69,12 +83,26 @@ func StartHousekeeping(ctx context.Context, h Housekeeping) (stop func(), err er
 			return nil, fmt.Errorf("metrics schedule %q: %w", h.MetricsSchedule, err)
 		}
 	}
-	if h.RetentionSchedule != "" {
+	if h.RetentionSchedule != "" && h.Retention > 0 {
 		del := `DELETE FROM ` + name.Quoted() + ` WHERE event_id IN (
 			SELECT event_id FROM ` + name.Quoted() + `
 			WHERE event_status = 'SUCCESS' AND published_at < now() - $1 * interval '1 millisecond'
 			ORDER BY seq LIMIT ` + fmt.Sprint(deleteBatch) + `)`
-		if _, err := c.AddFunc(h.RetentionSchedule, func() { h.deleteOld(ctx, del) }); err != nil {
+		if _, err := c.AddFunc(h.RetentionSchedule, func() {
+			h.deleteOld(ctx, del, h.Retention, "published events")
+		}); err != nil {
+			return nil, fmt.Errorf("retention schedule %q: %w", h.RetentionSchedule, err)
+		}
+	}
+	if h.RetentionSchedule != "" && h.ProcessedRetention > 0 {
+		// The processed_at index serves the inner select.
+		del := `DELETE FROM ` + processed.Quoted() + ` WHERE (consumer_id, message_id) IN (
+			SELECT consumer_id, message_id FROM ` + processed.Quoted() + `
+			WHERE processed_at < now() - $1 * interval '1 millisecond'
+			ORDER BY processed_at LIMIT ` + fmt.Sprint(deleteBatch) + `)`
+		if _, err := c.AddFunc(h.RetentionSchedule, func() {
+			h.deleteOld(ctx, del, h.ProcessedRetention, "processed messages")
+		}); err != nil {
 			return nil, fmt.Errorf("retention schedule %q: %w", h.RetentionSchedule, err)
 		}
 	}
@@ -115,12 +143,14 @@ func (h Housekeeping) refreshMetrics(ctx context.Context, table string) {
 	h.Metrics.setBacklog(b)
 }
 
-func (h Housekeeping) deleteOld(ctx context.Context, del string) {
+// deleteOld runs del, which deletes at most deleteBatch rows older than
+// retention, until it deletes fewer.
+func (h Housekeeping) deleteOld(ctx context.Context, del string, retention time.Duration, what string) {
 	var total int64
 	for ctx.Err() == nil {
-		res, err := h.DB.ExecContext(ctx, del, h.Retention.Milliseconds())
+		res, err := h.DB.ExecContext(ctx, del, retention.Milliseconds())
 		if err != nil {
-			h.Logger.Warn("delete published events past retention", "err", err, "deleted", total)
+			h.Logger.Warn("delete rows past retention", "rows", what, "err", err, "deleted", total)
 			return
 		}
 		n, _ := res.RowsAffected()
@@ -130,6 +160,6 @@ func (h Housekeeping) deleteOld(ctx context.Context, del string) {
 		}
 	}
 	if total > 0 {
-		h.Logger.Info("deleted published events past retention", "deleted", total, "retention", h.Retention)
+		h.Logger.Info("deleted rows past retention", "rows", what, "deleted", total, "retention", retention)
 	}
 }

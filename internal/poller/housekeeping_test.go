@@ -41,6 +41,56 @@ func TestHousekeepingDeletesOnlyOldPublishedEvents(t *testing.T) {
 	require.Equal(t, 50, b.count(t, "FAILED"))
 }
 
+func TestHousekeepingDeletesOnlyOldProcessedMessages(t *testing.T) {
+	t.Parallel()
+	db := testenv.NewDB(t)
+	// 2300 old records (more than two delete batches), 100 recent ones.
+	_, err := db.Exec(`INSERT INTO processed_message (consumer_id, message_id, processed_at)
+		SELECT 'billing', 'old-' || i, now() - interval '2 hours' FROM generate_series(1, 2300) i`)
+	require.NoError(t, err)
+	_, err = db.Exec(`INSERT INTO processed_message (consumer_id, message_id, processed_at)
+		SELECT 'billing', 'new-' || i, now() - interval '10 minutes' FROM generate_series(1, 100) i`)
+	require.NoError(t, err)
+
+	stop, err := poller.StartHousekeeping(context.Background(), poller.Housekeeping{
+		DB: db.DB.DB, Table: "events", Logger: testLogger(t),
+		RetentionSchedule: "@every 1s", ProcessedRetention: time.Hour,
+	})
+	require.NoError(t, err)
+	defer stop()
+	count := func(prefix string) int {
+		var n int
+		require.NoError(t, db.Get(&n, `SELECT count(*) FROM processed_message WHERE message_id LIKE $1 || '%'`, prefix))
+		return n
+	}
+	testenv.Eventually(t, 20*time.Second, func() bool { return count("old-") == 0 }, "old processed_message rows deleted")
+	require.Equal(t, 100, count("new-"), "recent processed_message rows kept")
+}
+
+func TestHousekeepingProcessedRetentionLeavesEventsAlone(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	b.write(t, outbox.Event{EntityType: "order", EntityID: "1", Type: "Changed", Subject: b.prefix + ".order", Data: 1})
+	_, err := b.db.Exec(`UPDATE events SET event_status = 'SUCCESS', published_at = now() - interval '2 hours'`)
+	require.NoError(t, err)
+	_, err = b.db.Exec(`INSERT INTO processed_message (consumer_id, message_id, processed_at)
+		VALUES ('billing', 'old', now() - interval '2 hours')`)
+	require.NoError(t, err)
+
+	stop, err := poller.StartHousekeeping(context.Background(), poller.Housekeeping{
+		DB: b.db.DB.DB, Table: "events", Logger: testLogger(t),
+		RetentionSchedule: "@every 1s", ProcessedRetention: time.Hour, // Retention 0: keep events
+	})
+	require.NoError(t, err)
+	defer stop()
+	testenv.Eventually(t, 20*time.Second, func() bool {
+		var n int
+		require.NoError(t, b.db.Get(&n, `SELECT count(*) FROM processed_message`))
+		return n == 0
+	}, "old processed_message row deleted")
+	require.Equal(t, 1, b.count(t, "SUCCESS"), "published events are kept without --retention")
+}
+
 func TestHousekeepingRejectsBadSchedules(t *testing.T) {
 	t.Parallel()
 	db := testenv.NewDB(t)
@@ -48,6 +98,7 @@ func TestHousekeepingRejectsBadSchedules(t *testing.T) {
 		"bad cron":          {BacklogSchedule: "every minute"},
 		"retention missing": {RetentionSchedule: "@every 1m"},
 		"bad table":         {Table: "a;b"},
+		"bad processed":     {ProcessedTable: "a;b", ProcessedRetention: time.Hour, RetentionSchedule: "@every 1m"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			h.DB = db.DB.DB

@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/lib/pq"
@@ -155,35 +156,97 @@ func ReadStatus(ctx context.Context, db *sql.DB, table string, limit int) (*Stat
 	return st, nil
 }
 
-// RequeueFilter selects FAILED events to put back to READY. Exactly one of
-// IDs, Entity or All should be set.
+// RequeueFilter selects FAILED events to put back to READY. At most one of
+// IDs, Entity (EntityType and EntityID) or All may be set; Since, Until and
+// ErrorContains narrow the choice further and may be combined with each
+// other and with IDs or Entity (all conditions must hold). A filter with
+// no selector and no condition selects nothing and is an error.
 type RequeueFilter struct {
 	IDs        []string
 	EntityType string
 	EntityID   string
 	All        bool
+
+	// Since and Until bound created_at: Since <= created_at < Until. The
+	// zero time leaves that side open.
+	Since, Until time.Time
+	// ErrorContains selects events whose last_error contains this text,
+	// ignoring case. It is matched literally: % and _ are not wildcards.
+	ErrorContains string
+}
+
+// ErrNoSelector is returned by Requeue for a filter that selects nothing.
+var ErrNoSelector = errors.New("choose events by id, by entity, by time range or error text, or all")
+
+// where returns the SQL condition (after event_status = 'FAILED') and its
+// arguments.
+func (f RequeueFilter) where() (string, []any, error) {
+	var (
+		conds []string
+		args  []any
+	)
+	arg := func(v any) string {
+		args = append(args, v)
+		return fmt.Sprintf("$%d", len(args))
+	}
+	selectors := 0
+	if len(f.IDs) > 0 {
+		selectors++
+		conds = append(conds, `event_id::text = ANY(`+arg(pq.Array(f.IDs))+`)`)
+	}
+	if f.EntityType != "" {
+		selectors++
+		conds = append(conds, `entity_type = `+arg(f.EntityType)+` AND entity_id = `+arg(f.EntityID))
+	}
+	if f.All {
+		selectors++
+	}
+	filtered := false
+	if !f.Since.IsZero() {
+		filtered = true
+		conds = append(conds, `created_at >= `+arg(f.Since))
+	}
+	if !f.Until.IsZero() {
+		filtered = true
+		conds = append(conds, `created_at < `+arg(f.Until))
+	}
+	if f.ErrorContains != "" {
+		filtered = true
+		conds = append(conds, `last_error ILIKE `+arg("%"+escapeLike(f.ErrorContains)+"%")+` ESCAPE '\'`)
+	}
+	switch {
+	case selectors > 1:
+		return "", nil, errors.New("choose events with at most one of ids, entity or all")
+	case selectors == 0 && !filtered:
+		return "", nil, ErrNoSelector
+	case f.All && filtered:
+		return "", nil, errors.New("all selects every FAILED event: drop it to filter by time range or error text")
+	}
+	w := `event_status = 'FAILED'`
+	for _, c := range conds {
+		w += ` AND ` + c
+	}
+	return w, args, nil
+}
+
+// escapeLike escapes s for a LIKE or ILIKE pattern with the escape
+// character \, so that it matches itself: % and _ are not wildcards.
+func escapeLike(s string) string {
+	return strings.NewReplacer(`\`, `\\`, `%`, `\%`, `_`, `\_`).Replace(s)
 }
 
 // Requeue moves the FAILED events that f selects back to READY with
 // attempts reset, due now, and returns how many it moved (or, with dryRun,
-// would move). last_error is kept until the event is published.
+// would move). last_error is kept until the event is published. A filter
+// that selects nothing returns an error wrapping ErrNoSelector.
 func Requeue(ctx context.Context, db *sql.DB, table string, f RequeueFilter, dryRun bool) (int64, error) {
 	name, err := schema.ParseName(table)
 	if err != nil {
 		return 0, err
 	}
-	where := `event_status = 'FAILED'`
-	var args []any
-	switch {
-	case len(f.IDs) > 0:
-		where += ` AND event_id::text = ANY($1)`
-		args = append(args, pq.Array(f.IDs))
-	case f.EntityType != "":
-		where += ` AND entity_type = $1 AND entity_id = $2`
-		args = append(args, f.EntityType, f.EntityID)
-	case f.All:
-	default:
-		return 0, errors.New("requeue: choose events by id, by entity, or all")
+	where, args, err := f.where()
+	if err != nil {
+		return 0, fmt.Errorf("requeue: %w", err)
 	}
 	q := `UPDATE ` + name.Quoted() + ` SET event_status = 'READY', attempts = 0, available_at = now() WHERE ` + where
 	if dryRun {

@@ -11,4 +11,8 @@ const (
 	HeaderEntityID   = "Outbox-Entity-Id"
 	HeaderSeq        = "Outbox-Seq"
 	HeaderCreatedAt  = "Outbox-Created-At"
+	// HeaderReplay is set only on events published again by
+	// `publisher replay`: the replay's run id, also the suffix of
+	// Nats-Msg-Id ("<event id>:replay:<run id>").
+	HeaderReplay = "Outbox-Replay"
 )

@@ -167,6 +167,9 @@ func encodeData(v any) ([]byte, error) {
 	if err := checkEscapes(raw); err != nil {
 		return nil, err
 	}
+	if err := checkNumbers(raw); err != nil {
+		return nil, err
+	}
 	return raw, nil
 }
 
@@ -213,4 +216,62 @@ func checkEscapes(raw []byte) error {
 func hex4(b []byte) rune {
 	v, _ := strconv.ParseUint(string(b[:4]), 16, 16)
 	return rune(v)
+}
+
+// PostgreSQL's numeric, which jsonb stores numbers in, holds at most
+// 131072 digits before the decimal point and 16383 after it, and reads
+// exponents up to PG_INT32_MAX/2.
+const (
+	pgNumericIntDigits = 131072
+	pgNumericScale     = 16383
+	pgNumericExponent  = 1<<30 - 1
+)
+
+// checkNumbers reports a JSON number that PostgreSQL's jsonb cannot store
+// ("value overflows numeric format"), such as 1e1000000: encoding/json
+// accepts any exponent. raw must be valid JSON.
+func checkNumbers(raw []byte) error {
+	for i := 0; i < len(raw); i++ {
+		switch c := raw[i]; {
+		case c == '"':
+			for i++; raw[i] != '"'; i++ {
+				if raw[i] == '\\' {
+					i++
+				}
+			}
+		case c == '-' || '0' <= c && c <= '9':
+			j := i
+			for j < len(raw) && strings.IndexByte("+-0123456789.eE", raw[j]) >= 0 {
+				j++
+			}
+			if !pgNumeric(string(raw[i:j])) {
+				num := string(raw[i:j])
+				if len(num) > 24 {
+					num = num[:21] + "..."
+				}
+				return fmt.Errorf("holds the number %s, outside the range of PostgreSQL's numeric (%d digits before the point, %d after), which jsonb refuses",
+					num, pgNumericIntDigits, pgNumericScale)
+			}
+			i = j - 1
+		}
+	}
+	return nil
+}
+
+// pgNumeric reports whether the JSON number num fits PostgreSQL's numeric.
+func pgNumeric(num string) bool {
+	mant, exp := strings.TrimPrefix(num, "-"), int64(0)
+	if e := strings.IndexAny(mant, "eE"); e >= 0 {
+		var err error
+		if exp, err = strconv.ParseInt(mant[e+1:], 10, 64); err != nil || exp > pgNumericExponent || exp < -pgNumericExponent {
+			return false
+		}
+		mant = mant[:e]
+	}
+	intPart, frac, _ := strings.Cut(mant, ".")
+	if int64(len(frac))-exp > pgNumericScale {
+		return false // the scale counts trailing zeros, even of 0
+	}
+	first := strings.IndexFunc(intPart+frac, func(r rune) bool { return r != '0' })
+	return first < 0 || int64(len(intPart)-first)+exp <= pgNumericIntDigits
 }

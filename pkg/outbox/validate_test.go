@@ -87,6 +87,11 @@ func TestWriteRejectsInvalidEvent(t *testing.T) {
 		{name: "Data JSON high surrogate at end of string", event: data(json.RawMessage(`["\uD83D", 1]`)), field: "Data"},
 		{name: "Data JSON high surrogate before non-surrogate", event: data(json.RawMessage(`"\ud800\u0041"`)), field: "Data"},
 		{name: "Data JSON lone low surrogate", event: data(json.RawMessage(`"a\udc00"`)), field: "Data"},
+		{name: "Data JSON number over numeric's digits", event: data(json.RawMessage(`{"n":1e1000000}`)), field: "Data"},
+		{name: "Data JSON number just over numeric's digits", event: data(json.RawMessage(`[10e131071]`)), field: "Data"},
+		{name: "Data JSON number over numeric's scale", event: data(json.RawMessage(`[1.5e-16383]`)), field: "Data"},
+		{name: "Data JSON zero over numeric's scale", event: data(json.RawMessage(`[-0e-16384]`)), field: "Data"},
+		{name: "Data JSON number with huge exponent", event: data(json.RawMessage(`[0e99999999999999999999]`)), field: "Data"},
 		{name: "Data over Config.MaxBytes", maxBytes: 100, event: data(jsonString(100)), field: "Data"},
 		{name: "Headers count toward Config.MaxBytes", maxBytes: 100, event: with(func(e *outbox.Event) {
 			e.Headers = map[string]string{"big": strings.Repeat("v", 90)}
@@ -346,4 +351,115 @@ func FuzzValidateSubject(f *testing.F) {
 			t.Fatalf("accepted %q with a trailing dot", s+".")
 		}
 	})
+}
+
+// FuzzWriterPrepare checks what validation lets through: an accepted event
+// has a payload PostgreSQL's jsonb stores (valid UTF-8 JSON, no \u0000),
+// a subject ValidateSubject accepts, and header names and values NATS can
+// carry. Rejections must be *ValidationError; nothing may panic.
+func FuzzWriterPrepare(f *testing.F) {
+	f.Add("order", "o-1", "OrderCreated", "", []byte(`{"id":"o-1"}`), "traceparent", "00-1")
+	f.Add("order", "o-1", "OrderCreated", "orders.created", []byte(`[1, 2.5e3, -0.1, "x"]`), "", "")
+	f.Add("order", "o\x001", "Order*", "a..b", []byte(`{"a":"\u0000"}`), "Nats-Msg-Id", "x")
+	f.Add("ordre", "é", "Créé", "", []byte(`"\ud83d\ude00"`), "a:b", "a\r\nb")
+	f.Add("o", "1", "T", "", []byte(`"\\\u0000"`), "k", "\xff")
+	f.Add("o", "1", "T", "", []byte(`"\ud800\\udc00"`), "k", "v")
+	f.Add("o", "1", "T", "", []byte(`{"n":1e1000000}`), "k", "v")
+	f.Add("o", "1", "T", "", []byte(`[1e-16383, 0e999999999, 9.9e131071]`), "k", "v")
+	f.Add("o", "1", "T", "a\u00a0b", []byte("\"\xff\""), "é", "v")
+	w, err := outbox.NewWriter(outbox.Config{})
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Fuzz(func(t *testing.T, entityType, entityID, typ, subject string, data []byte, hk, hv string) {
+		ev := outbox.Event{EntityType: entityType, EntityID: entityID, Type: typ, Subject: subject,
+			Data: json.RawMessage(data)}
+		if hk != "" || hv != "" {
+			ev.Headers = map[string]string{hk: hv}
+		}
+		gotSubject, gotData, gotHeaders, err := w.Prepare(0, ev)
+		if err != nil {
+			var verr *outbox.ValidationError
+			if !errors.As(err, &verr) || !errors.Is(err, outbox.ErrInvalidEvent) {
+				t.Fatalf("rejection %v (%T) is not a *ValidationError", err, err)
+			}
+			return
+		}
+		if err := outbox.ValidateSubject(gotSubject); err != nil {
+			t.Fatalf("accepted subject %q: %v", gotSubject, err)
+		}
+		if !utf8.Valid(gotData) || !json.Valid(gotData) {
+			t.Fatalf("accepted payload %q that is not valid UTF-8 JSON", gotData)
+		}
+		var v any
+		dec := json.NewDecoder(strings.NewReader(string(gotData)))
+		dec.UseNumber()
+		if err := dec.Decode(&v); err != nil {
+			t.Fatalf("accepted payload %q: %v", gotData, err)
+		}
+		if s, ok := findNUL(v); ok {
+			t.Fatalf("accepted payload %q holding NUL in %q", gotData, s)
+		}
+		for _, f := range []string{entityType, entityID, typ} {
+			if !natsHeaderValue(f) {
+				t.Fatalf("accepted %q, which travels as a header value NATS cannot carry", f)
+			}
+		}
+		var headers map[string]string
+		if err := json.Unmarshal(gotHeaders, &headers); err != nil {
+			t.Fatalf("headers %q: %v", gotHeaders, err)
+		}
+		for k, v := range headers {
+			if !natsHeaderKey(k) || !natsHeaderValue(v) {
+				t.Fatalf("accepted header %q: %q, which NATS cannot carry", k, v)
+			}
+			if strings.HasPrefix(strings.ToLower(k), "nats-") || strings.HasPrefix(strings.ToLower(k), "outbox-") {
+				t.Fatalf("accepted reserved header %q", k)
+			}
+		}
+	})
+}
+
+// findNUL returns a string (or object key) of a decoded JSON value that
+// holds NUL.
+func findNUL(v any) (string, bool) {
+	switch v := v.(type) {
+	case string:
+		return v, strings.ContainsRune(v, 0)
+	case []any:
+		for _, e := range v {
+			if s, ok := findNUL(e); ok {
+				return s, true
+			}
+		}
+	case map[string]any:
+		for k, e := range v {
+			if strings.ContainsRune(k, 0) {
+				return k, true
+			}
+			if s, ok := findNUL(e); ok {
+				return s, true
+			}
+		}
+	}
+	return "", false
+}
+
+// natsHeaderKey and natsHeaderValue say what the NATS header wire format
+// (MIME-style lines) carries: a name of printable ASCII without ':', and a
+// value of UTF-8 without CR, LF or NUL.
+func natsHeaderKey(k string) bool {
+	if k == "" {
+		return false
+	}
+	for i := 0; i < len(k); i++ {
+		if k[i] <= ' ' || k[i] >= 0x7f || k[i] == ':' {
+			return false
+		}
+	}
+	return true
+}
+
+func natsHeaderValue(v string) bool {
+	return utf8.ValidString(v) && !strings.ContainsAny(v, "\r\n\x00")
 }

@@ -150,6 +150,8 @@ func TestWriteInvalidEventKeepsTransactionUsable(t *testing.T) {
 		{"JSON invalid UTF-8", []byte("{\"a\":\"\xff\xfe\"}")},
 		{"JSON lone high surrogate", json.RawMessage(`{"a":"\ud800"}`)},
 		{"JSON lone low surrogate", json.RawMessage(`{"a":"\udfff"}`)},
+		{"JSON number over numeric's range", json.RawMessage(`{"a":1e1000000}`)},
+		{"JSON number over numeric's scale", json.RawMessage(`{"a":1e-16384}`)},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -208,6 +210,11 @@ func TestWriteStoresPayloadsPostgresAccepts(t *testing.T) {
 		{"non-ASCII UTF-8", json.RawMessage(`{"name":"Zoë 東京"}`), `{"name":"Zoë 東京"}`},
 		{"escaped quote and backslash", json.RawMessage(`["\"", "\\", "\\\\u"]`), `["\"", "\\", "\\\\u"]`},
 		{"null", json.RawMessage(`null`), `null`},
+		// The largest and smallest numbers numeric holds (want "": too
+		// large for encoding/json to compare).
+		{"number with numeric's most digits", json.RawMessage(`[-9.9e131071]`), ``},
+		{"number with numeric's largest scale", json.RawMessage(`[1e-16383, 0.5e-16382]`), ``},
+		{"zero with a huge exponent", json.RawMessage(`[0e999999999]`), `[0]`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -222,7 +229,9 @@ func TestWriteStoresPayloadsPostgresAccepts(t *testing.T) {
 			history, err := outbox.History(ctx, db, "order", id)
 			require.NoError(t, err)
 			require.Len(t, history, 1)
-			require.JSONEq(t, tt.want, string(history[0].Data))
+			if tt.want != "" {
+				require.JSONEq(t, tt.want, string(history[0].Data))
+			}
 		})
 	}
 }
