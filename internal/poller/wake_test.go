@@ -45,10 +45,9 @@ func TestPollOnlyPublisherNeverSleepsOnTheLock(t *testing.T) {
 	b := setup(t)
 	cfg := fastConfig()
 	cfg.NoListen = true
-	p := b.start(t, cfg)
+	b.start(t, cfg)
 	b.write(t, changes(b.prefix+".order.changed", 2, 5)...)
 	testenv.Eventually(t, 20*time.Second, func() bool { return b.count(t, "SUCCESS") == 10 }, "polled and published")
-	require.Positive(t, p.Stats().Batches)
 	// Watch it idle for four times as long as a listening publisher takes
 	// to fall asleep: it never takes the lock.
 	for end := time.Now().Add(time.Second); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
