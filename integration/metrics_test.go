@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"regexp"
 	"strconv"
@@ -14,7 +13,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/stretchr/testify/require"
@@ -168,51 +166,14 @@ func TestMetricsEndpoints(t *testing.T) {
 	}, "the requeued event failed again")
 }
 
-// restartableNATS is an in-process NATS server with JetStream that a test
-// can stop and start again on the same port and store.
-type restartableNATS struct {
-	t    *testing.T
-	opts server.Options
-	srv  *server.Server
-}
-
-func newRestartableNATS(t *testing.T) *restartableNATS {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	port := l.Addr().(*net.TCPAddr).Port
-	require.NoError(t, l.Close())
-	s := &restartableNATS{t: t, opts: server.Options{Host: "127.0.0.1", Port: port, JetStream: true,
-		StoreDir: t.TempDir(), NoLog: true, NoSigs: true}}
-	s.start()
-	t.Cleanup(s.stop)
-	return s
-}
-
-func (s *restartableNATS) url() string { return fmt.Sprintf("nats://127.0.0.1:%d", s.opts.Port) }
-
-func (s *restartableNATS) start() {
-	s.t.Helper()
-	opts := s.opts
-	srv, err := server.NewServer(&opts)
-	require.NoError(s.t, err)
-	go srv.Start()
-	require.True(s.t, srv.ReadyForConnections(10*time.Second), "in-process NATS server ready")
-	s.srv = srv
-}
-
-func (s *restartableNATS) stop() {
-	if s.srv != nil {
-		s.srv.Shutdown()
-		s.srv.WaitForShutdown()
-		s.srv = nil
-	}
-}
+// newRestartableNATS starts an in-process NATS server with JetStream that
+// a test can stop and start again on the same port and store.
+func newRestartableNATS(t *testing.T) *testenv.NATSServer { return testenv.StartNATSServer(t, nil) }
 
 func TestMetricsCountReconnectsAndReadyzFollowsTheBroker(t *testing.T) {
 	t.Parallel()
 	ns := newRestartableNATS(t)
-	nc, err := nats.Connect(ns.url(), nats.MaxReconnects(-1), nats.ReconnectWait(100*time.Millisecond))
+	nc, err := nats.Connect(ns.URL(), nats.MaxReconnects(-1), nats.ReconnectWait(100*time.Millisecond))
 	require.NoError(t, err)
 	t.Cleanup(nc.Close)
 	js, err := jetstream.New(nc)
@@ -227,17 +188,17 @@ func TestMetricsCountReconnectsAndReadyzFollowsTheBroker(t *testing.T) {
 	s := b.seqWriter(prefix+".order.updated", []string{"a", "b"}, 1)
 	require.NoError(t, s.write(context.Background(), 5, 1))
 
-	p := startPublisher(t, "publisher", b.db.DSN, append([]string{"--nats-url", ns.url()}, metricsFlags...)...)
+	p := startPublisher(t, "publisher", b.db.DSN, append([]string{"--nats-url", ns.URL()}, metricsFlags...)...)
 	base := httpBase(t, p)
 	testenv.Eventually(t, 30*time.Second, func() bool { return scrape(t, base)[mSuccess] == 5 }, "5 events published")
 
 	// Broker down: not ready, and says why; back: ready, one reconnect.
-	ns.stop()
+	ns.Stop()
 	testenv.Eventually(t, 20*time.Second, func() bool {
 		code, r := readyz(t, base)
 		return code == http.StatusServiceUnavailable && r["nats"] != "ok" && r["database"] == "ok"
 	}, "/readyz reports the broker down")
-	ns.start()
+	ns.Start()
 	testenv.Eventually(t, 30*time.Second, func() bool {
 		code, _ := readyz(t, base)
 		return code == http.StatusOK && scrape(t, base)["outbox_nats_reconnects_total"] >= 1

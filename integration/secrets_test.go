@@ -1,8 +1,6 @@
 package integration
 
 import (
-	"fmt"
-	"net"
 	"net/url"
 	"strings"
 	"testing"
@@ -21,16 +19,7 @@ import (
 // only clients presenting token, and returns its URL (without the token).
 func tokenNATS(t *testing.T, token string) string {
 	t.Helper()
-	srv, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: -1, JetStream: true,
-		StoreDir: t.TempDir(), NoLog: true, NoSigs: true, Authorization: token})
-	require.NoError(t, err)
-	go srv.Start()
-	require.True(t, srv.ReadyForConnections(10*time.Second), "in-process NATS server ready")
-	t.Cleanup(func() {
-		srv.Shutdown()
-		srv.WaitForShutdown()
-	})
-	return fmt.Sprintf("nats://127.0.0.1:%d", srv.Addr().(*net.TCPAddr).Port)
+	return testenv.StartNATSServer(t, &server.Options{JetStream: true, Authorization: token}).URL()
 }
 
 // passwordRole creates a PostgreSQL login role with a password, allowed to

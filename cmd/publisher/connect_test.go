@@ -15,32 +15,21 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"strconv"
 	"testing"
 	"time"
 
 	"github.com/nats-io/jwt/v2"
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nkeys"
+	"github.com/pgnats/outbox/internal/testenv"
 	"github.com/stretchr/testify/require"
 )
 
-// natsServer starts an in-process NATS server configured by opts (its
-// host, port and logging are set here) and returns its client URL. It is
-// shut down when the test ends.
+// natsServer starts an in-process NATS server configured by opts and
+// returns its client URL. It is shut down when the test ends.
 func natsServer(t *testing.T, opts *server.Options) string {
 	t.Helper()
-	opts.Host, opts.Port, opts.NoLog, opts.NoSigs = "127.0.0.1", -1, true, true
-	srv, err := server.NewServer(opts)
-	require.NoError(t, err)
-	go srv.Start()
-	require.True(t, srv.ReadyForConnections(10*time.Second), "in-process NATS server ready")
-	t.Cleanup(func() {
-		srv.Shutdown()
-		srv.WaitForShutdown()
-	})
-	addr := srv.Addr().(*net.TCPAddr)
-	return "nats://127.0.0.1:" + strconv.Itoa(addr.Port)
+	return testenv.StartNATSServer(t, opts).URL()
 }
 
 // writeFile writes body to name in dir and returns the path.

@@ -163,8 +163,8 @@ func TestFullStreamBacksOffWithoutBurningAttempts(t *testing.T) {
 // used, each in the stream once, in order.
 func TestBrokerRestartLosesNothing(t *testing.T) {
 	t.Parallel()
-	srv := startNATS(t)
-	nc, js := srv.connect(t)
+	srv := testenv.StartNATSServer(t, nil)
+	nc, js := srv.Connect(t)
 	b := newBundle(t, nc, js)
 	b.prefix = "p" + testenv.Suffix()
 	b.createStream(t, jetstream.StreamConfig{
@@ -178,13 +178,13 @@ func TestBrokerRestartLosesNothing(t *testing.T) {
 	testenv.Eventually(t, 10*time.Second, func() bool { return p.Stats().Published > 0 },
 		"publishing starts before the outage")
 
-	srv.stop()
+	srv.Stop()
 	during := changes(subject, 5, 10)
 	b.write(t, during...)
 	testenv.Eventually(t, 15*time.Second, func() bool { return p.Stats().Backoffs >= 2 },
 		"the loop backs off while the broker is down")
 	require.Positive(t, b.count(t, "READY"))
-	srv.start()
+	srv.Start()
 	after := changes(subject, 5, 10)
 	b.write(t, after...)
 
