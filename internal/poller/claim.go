@@ -141,22 +141,28 @@ func (p *Poller) claim(ctx context.Context, limit int, probe bool) (*sql.Tx, []r
 		tx.Rollback() //nolint:errcheck
 		return nil, nil, fmt.Errorf("claim batch: %w", err)
 	}
+	out, err := scanRows(rows)
+	if err != nil {
+		tx.Rollback() //nolint:errcheck
+		return nil, nil, fmt.Errorf("claim batch: %w", err)
+	}
+	return tx, out, nil
+}
+
+// scanRows reads event rows selected in the column order of the claim,
+// and closes rows.
+func scanRows(rows *sql.Rows) ([]row, error) {
 	defer rows.Close()
 	var out []row
 	for rows.Next() {
 		var r row
 		if err := rows.Scan(&r.id, &r.seq, &r.subject, &r.eventType, &r.entityType, &r.entityID,
 			&r.data, &r.headers, &r.attempts, &r.createdAt); err != nil {
-			tx.Rollback() //nolint:errcheck
-			return nil, nil, fmt.Errorf("claim batch: %w", err)
+			return nil, err
 		}
 		out = append(out, r)
 	}
-	if err := rows.Err(); err != nil {
-		tx.Rollback() //nolint:errcheck
-		return nil, nil, fmt.Errorf("claim batch: %w", err)
-	}
-	return tx, out, nil
+	return out, rows.Err()
 }
 
 // refusal is a row JetStream (or the pre-flight check) refused.

@@ -183,17 +183,8 @@ func readReplayPage(ctx context.Context, db *sql.DB, q string, args []any) ([]ro
 	if err != nil {
 		return nil, fmt.Errorf("read events to replay: %w", err)
 	}
-	defer rows.Close()
-	var out []row
-	for rows.Next() {
-		var r row
-		if err := rows.Scan(&r.id, &r.seq, &r.subject, &r.eventType, &r.entityType, &r.entityID,
-			&r.data, &r.headers, &r.attempts, &r.createdAt); err != nil {
-			return nil, fmt.Errorf("read events to replay: %w", err)
-		}
-		out = append(out, r)
-	}
-	if err := rows.Err(); err != nil {
+	out, err := scanRows(rows)
+	if err != nil {
 		return nil, fmt.Errorf("read events to replay: %w", err)
 	}
 	return out, nil
