@@ -3,7 +3,7 @@
 # (DATABASE_URL and NATS_URL override them).
 GO ?= go
 
-.PHONY: demo test build bench vet fmt
+.PHONY: demo test build bench faults vet fmt
 
 demo:
 	$(GO) run ./examples/order-service
@@ -17,6 +17,11 @@ build:
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./pkg/...
+
+# The fault-injection suite (docs/RELIABILITY.md): the real publisher binary
+# under SIGKILL, SIGTERM, terminated backends, broker outages and more.
+faults:
+	$(GO) test -tags faults -run TestFaults -count=1 -timeout 30m -v ./integration/
 
 fmt:
 	gofmt -w $$(git ls-files '*.go')
