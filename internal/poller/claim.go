@@ -149,6 +149,20 @@ func (p *Poller) claim(ctx context.Context, limit int, probe bool) (*sql.Tx, []r
 	return tx, out, nil
 }
 
+// stillLeads checks, in the claim transaction, that this process still
+// holds the leader lock. A dead transaction counts as lost too.
+func (p *Poller) stillLeads(ctx context.Context, tx *sql.Tx) error {
+	var ok bool
+	err := tx.QueryRowContext(ctx, `SELECT `+fenceSQL(1, 2, 3), leaderNamespace, p.tableOID, p.lead.pid).Scan(&ok)
+	switch {
+	case err != nil:
+		return fmt.Errorf("check leadership: %w", err)
+	case !ok:
+		return fmt.Errorf("check leadership before sending: %w", errLostLeadership)
+	}
+	return nil
+}
+
 // scanRows reads event rows selected in the column order of the claim,
 // and closes rows.
 func scanRows(rows *sql.Rows) ([]row, error) {

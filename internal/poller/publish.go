@@ -30,6 +30,7 @@ type batch struct {
 	tx      *sql.Tx
 	rows    []row
 	started time.Time
+	checked time.Time // when this process last knew it still led
 	sentAt  time.Time
 	sent    []inflight
 	refused []refusal
@@ -110,7 +111,7 @@ func (p *Poller) start(ctx context.Context, skip map[string]bool) (*batch, error
 		return nil, nil
 	}
 	p.log.Debug("batch claimed", "rows", len(rows), "first_seq", rows[0].seq)
-	b := &batch{tx: tx, rows: rows, started: started, refusedEntities: map[string]bool{}}
+	b := &batch{tx: tx, rows: rows, started: started, checked: time.Now(), refusedEntities: map[string]bool{}}
 	p.send(ctx, b, skip)
 	return b, nil
 }
@@ -156,6 +157,16 @@ func (p *Poller) send(ctx context.Context, b *batch, skip map[string]bool) {
 		r := &b.rows[i]
 		if b.outage != nil || skip[r.entity()] || b.refusedEntities[r.entity()] {
 			continue
+		}
+		if time.Since(b.checked) > p.cfg.LeaderTimeout/2 {
+			// The process stalled (a freeze, a long pause) since the claim:
+			// it may have lost the lock meanwhile. Check before sending, so
+			// a fenced-out leader does not keep publishing its old claim.
+			if err := p.stillLeads(ctx, b.tx); err != nil {
+				b.outage = err
+				continue
+			}
+			b.checked = time.Now()
 		}
 		msg, err := message(r)
 		if err != nil {
