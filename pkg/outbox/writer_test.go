@@ -354,7 +354,7 @@ func TestWriteMissingTable(t *testing.T) {
 	require.NotErrorIs(t, err, outbox.ErrInvalidEvent, "a database error is not a validation error")
 	var pqErr *pq.Error
 	require.ErrorAs(t, err, &pqErr)
-	require.Equal(t, pq.ErrorCode("42P01"), pqErr.Code) // undefined_table
+	require.EqualValues(t, "42P01", pqErr.Code) // undefined_table
 }
 
 func TestWriteNewIDError(t *testing.T) {
