@@ -91,11 +91,11 @@ func TestCLI(t *testing.T) {
 		dsn := b.db.DSN
 
 		r := requireCLI(t, "requeue", "--dry-run", "--all", "--database-url", dsn)
-		require.Contains(t, r.stdout, "would requeue 1 FAILED events")
+		require.Contains(t, r.stdout, "would requeue 1 FAILED event\n")
 		require.Equal(t, 1, b.count(t, "FAILED"), "a dry run changes nothing")
 
 		r = requireCLI(t, "requeue", "--id", failedID, "--database-url", dsn)
-		require.Contains(t, r.stdout, "requeued 1 FAILED events")
+		require.Contains(t, r.stdout, "requeued 1 FAILED event\n")
 		var row struct {
 			Status   string `db:"event_status"`
 			Attempts int    `db:"attempts"`
@@ -110,7 +110,7 @@ func TestCLI(t *testing.T) {
 		_, err := b.db.Exec(`UPDATE events SET event_status = 'FAILED', attempts = 1 WHERE event_id = $1`, failedID)
 		require.NoError(t, err)
 		r = requireCLI(t, "requeue", "--entity", "order/b", "--database-url", dsn)
-		require.Contains(t, r.stdout, "requeued 1 FAILED events")
+		require.Contains(t, r.stdout, "requeued 1 FAILED event\n")
 		require.Zero(t, b.count(t, "FAILED"))
 	})
 

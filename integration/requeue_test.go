@@ -67,7 +67,7 @@ func TestRequeueFilters(t *testing.T) {
 			{"RFC 3339 range", []string{"--since", fourHoursAgo, "--until", oneHourAgo}, "would requeue 2 FAILED events\n"},
 			{"error text ignores case", []string{"--error-contains", "no jetstream stream"}, "would requeue 2 FAILED events\n"},
 			{"error text with % and _ matched literally", []string{"--error-contains", "50%_"}, "would requeue 2 FAILED events\n"},
-			{"time range and error text", []string{"--since", "1h", "--error-contains", "no jetstream"}, "would requeue 1 FAILED events\n"},
+			{"time range and error text", []string{"--since", "1h", "--error-contains", "no jetstream"}, "would requeue 1 FAILED event\n"},
 			{"entity and error text", []string{"--entity", "order/e1", "--error-contains", "50%_"}, "would requeue 0 FAILED events\n"},
 			{"everything", []string{"--all"}, "would requeue 5 FAILED events\n"},
 		} {
@@ -81,7 +81,7 @@ func TestRequeueFilters(t *testing.T) {
 		t.Parallel()
 		b, ids := requeueFixture(t)
 		r := requireCLI(t, "requeue", "--since", "2h", "--error-contains", "50%_limit", "--database-url", b.db.DSN)
-		require.Equal(t, "requeued 1 FAILED events\n", r.stdout)
+		require.Equal(t, "requeued 1 FAILED event\n", r.stdout)
 		require.Equal(t, []string{ids["e4"]}, b.ids(t, "READY"))
 		var attempts int
 		require.NoError(t, b.db.Get(&attempts, `SELECT attempts FROM events WHERE event_id = $1`, ids["e4"]))

@@ -84,9 +84,17 @@ order.`)
 		return err
 	}
 	if dryRun {
-		fmt.Fprintf(stdout, "would requeue %d FAILED events\n", n)
+		fmt.Fprintf(stdout, "would requeue %d FAILED %s\n", n, plural(n, "event"))
 		return nil
 	}
-	fmt.Fprintf(stdout, "requeued %d FAILED events\n", n)
+	fmt.Fprintf(stdout, "requeued %d FAILED %s\n", n, plural(n, "event"))
 	return nil
+}
+
+// plural returns noun, with an "s" unless n is 1.
+func plural[N int | int64](n N, noun string) string {
+	if n == 1 {
+		return noun
+	}
+	return noun + "s"
 }
