@@ -58,8 +58,9 @@ type leader struct {
 	heartbeat time.Duration
 	timeout   time.Duration
 
-	db   *sql.DB   // a pool of one, opened per term
-	conn *sql.Conn // the session holding the lock
+	db   *sql.DB   // a pool of one: the session that tries for, then holds, the lock
+	conn *sql.Conn // that session; kept open by a standby between tries
+	held bool      // conn holds the lock
 	pid  int       // backend pid holding the session lock
 	stop context.CancelFunc
 	wg   sync.WaitGroup
@@ -67,11 +68,45 @@ type leader struct {
 }
 
 // tryAcquire tries once to become leader. It returns false with a nil error
-// when another publisher leads.
+// when another publisher leads; the session stays open for the next try.
 func (l *leader) tryAcquire(ctx context.Context) (bool, error) {
+	if l.conn == nil {
+		if err := l.connect(ctx); err != nil {
+			return false, err
+		}
+	}
+	var (
+		ok  bool
+		pid int
+	)
+	err := l.conn.QueryRowContext(ctx, `SELECT pg_try_advisory_lock($1, $2::bigint::oid::int), pg_backend_pid()`,
+		leaderNamespace, l.tableOID).Scan(&ok, &pid)
+	if err != nil {
+		err = fmt.Errorf("try leader lock: %w", err)
+	} else if ok {
+		err = l.barrier(ctx, l.conn)
+	}
+	if err != nil {
+		l.disconnect() // a lock won above ends with the session
+		return false, err
+	}
+	if !ok {
+		return false, nil
+	}
+	hbCtx, stop := context.WithCancel(context.Background())
+	l.held, l.pid, l.stop, l.lost = true, pid, stop, make(chan struct{})
+	l.wg.Add(1)
+	go l.beat(hbCtx, l.conn, l.lost)
+	return true, nil
+}
+
+// connect opens the lock session and configures it, before any lock is
+// taken, so a leader that hangs right after winning still loses the lock
+// in time.
+func (l *leader) connect(ctx context.Context) error {
 	db, err := sql.Open("postgres", l.dsn)
 	if err != nil {
-		return false, err
+		return err
 	}
 	db.SetMaxOpenConns(1)
 	db.SetMaxIdleConns(1)
@@ -79,52 +114,36 @@ func (l *leader) tryAcquire(ctx context.Context) (bool, error) {
 	conn, err := db.Conn(ctx)
 	if err != nil {
 		db.Close()
-		return false, fmt.Errorf("connect for leader lock: %w", err)
+		return fmt.Errorf("connect for leader lock: %w", err)
 	}
-	ok, pid, err := l.lock(ctx, conn)
-	if err == nil && ok {
-		err = l.barrier(ctx, conn)
-	}
-	if err != nil || !ok {
-		conn.Close()
-		db.Close()
-		return false, err
-	}
-	hbCtx, stop := context.WithCancel(context.Background())
-	l.db, l.conn, l.pid, l.stop, l.lost = db, conn, pid, stop, make(chan struct{})
-	l.wg.Add(1)
-	go l.beat(hbCtx, conn, l.lost)
-	return true, nil
-}
-
-func (l *leader) lock(ctx context.Context, db *sql.Conn) (bool, int, error) {
+	l.db, l.conn = db, conn
 	secs := strconv.Itoa(max(1, int(l.timeout/time.Second)))
-	// Settings first, so a leader that hangs right after winning still
-	// loses the lock in time.
-	if _, err := db.ExecContext(ctx, `SELECT set_config('tcp_keepalives_idle', $1, false),
+	if _, err := conn.ExecContext(ctx, `SELECT set_config('tcp_keepalives_idle', $1, false),
 			set_config('tcp_keepalives_interval', '1', false),
 			set_config('tcp_keepalives_count', '3', false),
 			set_config('application_name', 'pgnats-outbox leader', false)`, secs); err != nil {
-		return false, 0, fmt.Errorf("configure leader connection: %w", err)
+		l.disconnect()
+		return fmt.Errorf("configure leader connection: %w", err)
 	}
 	// idle_session_timeout exists from PostgreSQL 14; on 13 a hung leader
 	// loses its lock through the keepalives alone, and only if its host
-	// stops answering them.
-	if _, err := db.ExecContext(ctx, `SELECT set_config('idle_session_timeout', $1, false)
+	// stops answering them. A standby's tries keep its session from idling.
+	if _, err := conn.ExecContext(ctx, `SELECT set_config('idle_session_timeout', $1, false)
 			WHERE current_setting('server_version_num')::int >= 140000`,
 		strconv.Itoa(int(l.timeout/time.Millisecond))); err != nil {
-		return false, 0, fmt.Errorf("configure leader connection: %w", err)
+		l.disconnect()
+		return fmt.Errorf("configure leader connection: %w", err)
 	}
-	var (
-		ok  bool
-		pid int
-	)
-	err := db.QueryRowContext(ctx, `SELECT pg_try_advisory_lock($1, $2::bigint::oid::int), pg_backend_pid()`,
-		leaderNamespace, l.tableOID).Scan(&ok, &pid)
-	if err != nil {
-		return false, 0, fmt.Errorf("try leader lock: %w", err)
+	return nil
+}
+
+// disconnect closes the lock session (and with it any lock it held).
+func (l *leader) disconnect() {
+	if l.conn != nil {
+		l.conn.Close()
+		l.db.Close()
 	}
-	return ok, pid, nil
+	l.db, l.conn = nil, nil
 }
 
 // barrier waits until no claim transaction of an earlier leader is open.
@@ -171,18 +190,16 @@ func (l *leader) lostCh() <-chan struct{} { return l.lost }
 
 // release gives up leadership by closing the lock connection.
 func (l *leader) release() {
-	if l.db == nil {
-		return
+	if l.held {
+		l.stop()
+		l.wg.Wait()
 	}
-	l.stop()
-	l.wg.Wait()
-	l.conn.Close()
-	l.db.Close()
-	l.db, l.conn, l.pid, l.lost = nil, nil, 0, nil
+	l.disconnect()
+	l.held, l.pid, l.lost = false, 0, nil
 }
 
 // leading reports whether this process currently believes it leads.
-func (l *leader) leading() bool { return l.db != nil }
+func (l *leader) leading() bool { return l.held }
 
 // errLostLeadership means a fence check failed: another publisher may lead.
 var errLostLeadership = errors.New("lost leadership")
