@@ -55,6 +55,8 @@ func TestFaults(t *testing.T) {
 		{"9a 3 replicas, leader SIGKILL", faultReplicasKill},
 		{"9b 3 replicas, leader SIGSTOP 10s", faultReplicasStop},
 		{"10 consumer dies after commit, before ack", faultConsumerCrash},
+		{"11 stream full (DiscardNew)", faultStreamFull},
+		{"12 PostgreSQL restarted", faultPGRestart},
 	} {
 		t.Run(strings.ReplaceAll(sc.name, " ", "_"), func(t *testing.T) {
 			began := time.Now()
@@ -479,9 +481,14 @@ func faultReplicasStop(t *testing.T) faultRow {
 		m0[mSuccess], elected, published, fenced, staleMarks, staleAcks)
 	// PubAcks after SIGCONT are reported, not failed on: acks of messages
 	// sent before the stop arrive then too, and the scrape cannot tell
-	// them apart. What would harm (a mark, a new stream message out of
-	// order) is checked.
-	if !ok || !fenced || !midBatch || staleMarks != 0 || m0[mSuccess] == 0 {
+	// them apart. Marks are bounded rather than required to be 0: m0 is
+	// read just before the SIGSTOP lands, and the pipelined loop can commit
+	// up to two batches (--batch-size 50) in between (seen: 33 marks, with
+	// as many PubAcks, in one run). A fence that let the resumed leader go
+	// on marking would show far more over the 3 s after SIGCONT; what
+	// would harm (a re-claim, a message out of order) is checked by the
+	// dup and inversion columns.
+	if !ok || !fenced || !midBatch || staleMarks > 100 || m0[mSuccess] == 0 {
 		r.failed = true
 	}
 	return r
@@ -499,6 +506,116 @@ func faultConsumerCrash(t *testing.T) faultRow {
 	redelivered := waitFor(20*time.Second, func() bool { return c.duplicates.Load() >= c.crashes.Load() })
 	r.note("%d consumer crashes between commit and ack; %d redeliveries skipped by dedup", c.crashes.Load(), c.duplicates.Load())
 	if c.crashes.Load() == 0 || !redelivered {
+		r.failed = true
+	}
+	return r
+}
+
+func faultStreamFull(t *testing.T) faultRow {
+	_, js := testenv.NATS(t)
+	const limit = 300
+	prefix := "t" + testenv.Suffix()
+	stream := createStream(t, js, jetstream.StreamConfig{Subjects: []string{prefix + ".>"}, Duplicates: 2 * time.Minute,
+		Discard: jetstream.DiscardNew, MaxMsgs: limit})
+	b := newBundle(t, js, stream, prefix)
+	l := newFaultLedger()
+	c := startFaultConsumer(t, b, testenv.NATSURL(), b.stream, 0)
+	fw := startFaultWriters(t, b, l, steadyLoad)
+	p := startFaultPublisher(t, "publisher", b.db.DSN)
+	ctx := context.Background()
+	msgs := func() int {
+		s, err := js.Stream(ctx, stream)
+		if err != nil {
+			return -1
+		}
+		return int(s.CachedInfo().State.Msgs)
+	}
+	full := waitFor(20*time.Second, func() bool { return msgs() >= limit })
+	fullAt := b.count(t, "SUCCESS")
+	// Writers keep writing against the full stream.
+	pause(8 * time.Second)
+	waited := b.count(t, "READY")
+	successFull := b.count(t, "SUCCESS")
+	var burnt, failedFull int
+	_ = b.db.Get(&burnt, `SELECT count(*) FROM events WHERE attempts > 0`)
+	_ = b.db.Get(&failedFull, `SELECT count(*) FROM events WHERE event_status = 'FAILED'`)
+	inStream := msgs()
+	backoffs := strings.Count(p.Logs(), "publish loop backing off")
+	s, err := js.Stream(ctx, stream)
+	if err != nil {
+		t.Fatalf("stream: %v", err)
+	}
+	cfg := s.CachedInfo().Config
+	cfg.MaxMsgs = 1_000_000
+	if _, err := js.UpdateStream(ctx, cfg); err != nil {
+		t.Fatalf("raise MaxMsgs: %v", err)
+	}
+	raised := time.Now()
+	caughtUp := waitFor(60*time.Second, func() bool { return b.count(t, "READY") < 50 })
+	recover := time.Since(raised)
+	pause(2 * time.Second)
+	fw.stop()
+	r := settle(t, b, l, js, b.stream, c, nil, nil)
+	var attempts int
+	_ = b.db.Get(&attempts, `SELECT count(*) FROM events WHERE attempts > 0`)
+	r.note("stream full (MaxMsgs %d) after SUCCESS=%d: %v; 8s later the stream held %d, SUCCESS=%d, %d events waited READY (FAILED=%d, attempts>0=%d), backoffs logged: %d; after MaxMsgs was raised caught up %v in %s",
+		limit, fullAt, full, inStream, successFull, waited, failedFull, burnt, backoffs, caughtUp, recover.Round(100*time.Millisecond))
+	if !full || waited == 0 || burnt != 0 || failedFull != 0 || attempts != 0 || inStream != limit || !caughtUp {
+		r.note("stream-full handling not as expected")
+		r.failed = true
+	}
+	return r
+}
+
+func faultPGRestart(t *testing.T) faultRow {
+	pg := startPGCluster(t)
+	_, js := testenv.NATS(t)
+	st, prefix := testenv.Stream(t, js)
+	w, err := outbox.NewWriter(outbox.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &bundle{db: pg.newDB(t), js: js, stream: st.CachedInfo().Config.Name, prefix: prefix, w: w}
+	l := newFaultLedger()
+	c := startFaultConsumer(t, b, testenv.NATSURL(), b.stream, 0)
+	// 5% of transactions wait 300ms before COMMIT, so that some are open
+	// when the server goes down and their COMMIT errors (unknown outcome).
+	load := steadyLoad
+	load.latePct, load.lateFor = 5, 300*time.Millisecond
+	fw := startFaultWriters(t, b, l, load)
+	p := startFaultPublisher(t, "publisher", b.db.DSN, metricsFlags...)
+	p.WaitLog(t, logLeaderElected, 15*time.Second)
+	base := httpBase(t, p)
+	var downs []string
+	for range 2 {
+		pause(5 * time.Second)
+		downs = append(downs, pg.restartImmediate().Round(100*time.Millisecond).String())
+	}
+	// The publisher must lead again and publish what was written meanwhile.
+	restarted := time.Now()
+	marked := -1
+	resumed := waitFor(30*time.Second, func() bool {
+		var n int
+		if b.db.Get(&n, `SELECT count(*) FROM events WHERE event_status = 'SUCCESS'`) != nil {
+			return false
+		}
+		if marked < 0 {
+			marked = n // the first answer after the restart
+		}
+		return n > marked
+	})
+	resumedIn := time.Since(restarted)
+	pause(3 * time.Second)
+	fw.stop()
+	r := settle(t, b, l, js, b.stream, c, nil, nil)
+	// PubAcks beyond the events published are re-sends: a batch sent but
+	// whose mark did not commit (connection lost) or was lost in the crash
+	// (asynchronous commit); the duplicate window drops them.
+	acks := scrape(t, base)[mAcks]
+	r.note("2 restarts -m immediate (pg_ctl took %s); publisher alive=%v, elected %d times, backoffs logged %d; a batch marked again %v %s after the last restart; writer errors %d, commits that returned an error %d; re-sent (PubAcks beyond events) %d",
+		strings.Join(downs, ", "), !p.Exited(), strings.Count(p.Logs(), logLeaderElected), strings.Count(p.Logs(), "publish loop backing off"),
+		resumed, resumedIn.Round(100*time.Millisecond), fw.errs.Load(), fw.unknown.Load(), int(acks)-r.delivered)
+	if p.Exited() || !resumed {
 		r.failed = true
 	}
 	return r

@@ -32,6 +32,7 @@ type ledgerEntry struct {
 	n         int  // the entity's number in the payload, from 1 in commit order
 	committed bool // its transaction committed
 	poison    bool // written to be refused; expected FAILED, not counted lost
+	unknown   bool // its COMMIT errored: committed or not is asked of the database later (resolve)
 }
 
 // faultLedger records every event the writers of a scenario tried to write
@@ -51,6 +52,52 @@ func (l *faultLedger) add(ids []string, events []outbox.Event, committed, poison
 		p := events[i].Data.(payload)
 		l.entries[id] = &ledgerEntry{id: id, entity: p.Entity, n: p.N, committed: committed, poison: poison}
 	}
+}
+
+// addUnknown records events whose COMMIT returned an error: the commit may
+// have landed (a server crash after its commit record) or not. resolve
+// asks the database once it answers.
+func (l *faultLedger) addUnknown(ids []string, events []outbox.Event) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for i, id := range ids {
+		p := events[i].Data.(payload)
+		l.entries[id] = &ledgerEntry{id: id, entity: p.Entity, n: p.N, unknown: true}
+	}
+}
+
+// resolve asks the database whether the events of unknown commits exist,
+// retrying until it answers or timeout passes, and records the answer. It
+// returns how many events were unknown and how many of them had committed.
+func (l *faultLedger) resolve(db *sqlx.DB, timeout time.Duration) (unknown, landed int, err error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var ids []string
+	for _, e := range l.entries {
+		if e.unknown {
+			ids = append(ids, e.id)
+		}
+	}
+	if len(ids) == 0 {
+		return 0, 0, nil
+	}
+	var found []string
+	waitFor(timeout, func() bool {
+		found = nil
+		err = db.Select(&found, `SELECT event_id::text FROM events WHERE event_id = ANY($1::uuid[])`, pq.Array(ids))
+		return err == nil
+	})
+	if err != nil {
+		return len(ids), 0, fmt.Errorf("resolve %d events of unknown commits: %w", len(ids), err)
+	}
+	for _, id := range found {
+		l.entries[id].committed = true
+		landed++
+	}
+	for _, id := range ids {
+		l.entries[id].unknown = false
+	}
+	return len(ids), landed, nil
 }
 
 // counts returns how many entries committed and rolled back.
@@ -86,8 +133,10 @@ type faultWriters struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	errs   atomic.Int64
-	mu     sync.Mutex
-	last   error
+	// unknown counts transactions whose COMMIT returned an error.
+	unknown atomic.Int64
+	mu      sync.Mutex
+	last    error
 }
 
 func startFaultWriters(t *testing.T, b *bundle, l *faultLedger, load writerLoad) *faultWriters {
@@ -132,8 +181,12 @@ func startFaultWriters(t *testing.T, b *bundle, l *faultLedger, load writerLoad)
 }
 
 // tx writes events in one transaction and commits it, or rolls it back.
-// It reports whether the events exist afterwards: on an error from Commit
-// it asks the database, so the ledger follows what happened.
+// It reports whether the events may exist afterwards, so the writer knows
+// whether to reuse their numbers. An error from Commit leaves that unknown
+// (the server may have crashed after writing the commit record): the
+// events are recorded as unknown, settle asks the database once it
+// answers, and their numbers are not reused (a gap if they did not
+// commit, which is no inversion).
 func (fw *faultWriters) tx(b *bundle, l *faultLedger, events []outbox.Event, rollback, late bool, lateFor time.Duration) (bool, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -163,16 +216,13 @@ func (fw *faultWriters) tx(b *bundle, l *faultLedger, events []outbox.Event, rol
 		time.Sleep(lateFor)
 		l.late.Add(1)
 	}
-	cerr := tx.Commit()
-	committed := cerr == nil
-	if cerr != nil {
-		var n int
-		if err := b.db.GetContext(ctx, &n, `SELECT count(*) FROM events WHERE event_id = $1::uuid`, ids[0]); err == nil {
-			committed = n > 0
-		}
+	if err := tx.Commit(); err != nil {
+		l.addUnknown(ids, events)
+		fw.unknown.Add(1)
+		return true, err
 	}
-	l.add(ids, events, committed, false)
-	return committed, cerr
+	l.add(ids, events, true, false)
+	return true, nil
 }
 
 func (fw *faultWriters) fail(err error) {
@@ -412,6 +462,7 @@ func waitFor(timeout time.Duration, cond func() bool) bool {
 // delivered ahead of the stream's.
 func settle(t *testing.T, b *bundle, l *faultLedger, js jetstream.JetStream, stream string, c *faultConsumer, before []streamMsg, blockedOK map[string]bool) faultRow {
 	t.Helper()
+	unknown, landed, resolveErr := l.resolve(b.db.DB, 60*time.Second)
 	committed, _ := l.counts()
 	var poisonish int
 	l.mu.Lock()
@@ -433,6 +484,13 @@ func settle(t *testing.T, b *bundle, l *faultLedger, js jetstream.JetStream, str
 	})
 	msgs := append(append([]streamMsg(nil), before...), readStream(t, js, stream)...)
 	r := classify(t, b, l, msgs, blockedOK)
+	if unknown > 0 {
+		r.note("%d events of commits that returned an error, %d of them found committed", unknown, landed)
+	}
+	if resolveErr != nil {
+		r.note("%v", resolveErr)
+		r.failed = true
+	}
 	if !ok {
 		r.note("publisher did not drain within 60s")
 		r.failed = true
