@@ -92,7 +92,7 @@ func TestCLI(t *testing.T) {
 
 		r := requireCLI(t, "requeue", "--dry-run", "--all", "--database-url", dsn)
 		require.Contains(t, r.stdout, "would requeue 1 FAILED event\n")
-		require.Equal(t, 1, b.count(t, "FAILED"), "a dry run changes nothing")
+		require.Equal(t, 1, b.db.Count(t, "FAILED"), "a dry run changes nothing")
 
 		r = requireCLI(t, "requeue", "--id", failedID, "--database-url", dsn)
 		require.Contains(t, r.stdout, "requeued 1 FAILED event\n")
@@ -111,7 +111,7 @@ func TestCLI(t *testing.T) {
 		require.NoError(t, err)
 		r = requireCLI(t, "requeue", "--entity", "order/b", "--database-url", dsn)
 		require.Contains(t, r.stdout, "requeued 1 FAILED event\n")
-		require.Zero(t, b.count(t, "FAILED"))
+		require.Zero(t, b.db.Count(t, "FAILED"))
 	})
 
 	t.Run("usage errors exit 2", func(t *testing.T) {

@@ -26,17 +26,17 @@ func TestSIGKILLMidStream(t *testing.T) {
 	for i, pct := range []int{20, 40, 60, 80} {
 		p := startPublisher(t, fmt.Sprintf("publisher %d", i+1), b.db.DSN, flags...)
 		testenv.Eventually(t, 60*time.Second, func() bool {
-			return b.count(t, "SUCCESS") >= total*pct/100
+			return b.db.Count(t, "SUCCESS") >= total*pct/100
 		}, "SUCCESS count never reached %d%%", pct)
 		p.Kill()
 		code := p.Wait(t, 10*time.Second)
 		require.Equal(t, -1, code, "publisher %d should die of SIGKILL, not exit by itself", i+1)
-		t.Logf("killed publisher %d at %d%%: %d SUCCESS", i+1, pct, b.count(t, "SUCCESS"))
+		t.Logf("killed publisher %d at %d%%: %d SUCCESS", i+1, pct, b.db.Count(t, "SUCCESS"))
 	}
 	startPublisher(t, "publisher 5", b.db.DSN, flags...)
 	b.waitAllSuccess(t, total, 60*time.Second)
 
 	msgs := readStream(t, b.js, b.stream)
-	requireEachOnce(t, msgs, b.ids(t, ""))
+	requireEachOnce(t, msgs, b.db.IDs(t, ""))
 	requireInOrder(t, msgs, w.next)
 }

@@ -80,16 +80,16 @@ func TestEndToEnd(t *testing.T) {
 
 	b.waitAllSuccess(t, total, 60*time.Second)
 	testenv.Eventually(t, 60*time.Second, func() bool {
-		return delivered.Load() >= 2*total && b.rows(t, `SELECT count(*) FROM received`) == total
+		return delivered.Load() >= 2*total && b.db.Int(t, `SELECT count(*) FROM received`) == total
 	}, "consumers did not get and process every message twice")
 
-	require.Equal(t, total, b.rows(t, `SELECT count(*) FROM received`), "rows written by the consumer")
-	require.Equal(t, total, b.rows(t, `SELECT count(*) FROM processed_message WHERE consumer_id = 'billing'`))
+	require.Equal(t, total, b.db.Int(t, `SELECT count(*) FROM received`), "rows written by the consumer")
+	require.Equal(t, total, b.db.Int(t, `SELECT count(*) FROM processed_message WHERE consumer_id = 'billing'`))
 	require.EqualValues(t, total, processed.Load(), "handler runs: each message processed exactly once")
 	require.Zero(t, handlerErrs.Load(), "handler errors (a duplicate reached the handler)")
 
 	msgs := readStream(t, b.js, b.stream)
-	requireEachOnce(t, msgs, b.ids(t, ""))
+	requireEachOnce(t, msgs, b.db.IDs(t, ""))
 	requireInOrder(t, msgs, want)
 }
 

@@ -46,7 +46,7 @@ func TestFailover(t *testing.T) {
 	require.NotZero(t, pid)
 	require.Equal(t, pid, statusLeaderPID(t, b.db.DSN), "status shows the leader's lock session")
 
-	testenv.Eventually(t, 30*time.Second, func() bool { return b.count(t, "SUCCESS") > 0 },
+	testenv.Eventually(t, 30*time.Second, func() bool { return b.db.Count(t, "SUCCESS") > 0 },
 		"the leader published nothing")
 	leader.Kill()
 	require.Equal(t, -1, leader.Wait(t, 10*time.Second))
@@ -59,7 +59,7 @@ func TestFailover(t *testing.T) {
 
 	b.waitAllSuccess(t, 1500, 60*time.Second)
 	msgs := readStream(t, b.js, b.stream)
-	requireEachOnce(t, msgs, b.ids(t, ""))
+	requireEachOnce(t, msgs, b.db.IDs(t, ""))
 	requireInOrder(t, msgs, w.next)
 }
 

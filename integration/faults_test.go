@@ -119,7 +119,7 @@ func faultSIGTERM(t *testing.T) faultRow {
 		inStream[m.eventID] = true
 	}
 	sentNotMarked := 0
-	for _, id := range b.ids(t, "READY") {
+	for _, id := range b.db.IDs(t, "READY") {
 		if inStream[id] {
 			sentNotMarked++
 		}
@@ -219,12 +219,12 @@ func faultBlackhole(t *testing.T) faultRow {
 	p := startFaultPublisher(t, "publisher", b.db.DSN, "--nats-url", "nats://"+proxy.addr())
 	pause(3 * time.Second)
 	proxy.blackhole()
-	before := b.count(t, "SUCCESS")
+	before := b.db.Count(t, "SUCCESS")
 	pause(10 * time.Second)
-	during := b.count(t, "SUCCESS") - before
+	during := b.db.Count(t, "SUCCESS") - before
 	proxy.restore()
 	healed := time.Now()
-	caughtUp := waitFor(60*time.Second, func() bool { return b.count(t, "READY") < 50 })
+	caughtUp := waitFor(60*time.Second, func() bool { return b.db.Count(t, "READY") < 50 })
 	recover := time.Since(healed)
 	fw.stop()
 	r := settle(t, b, l, js, b.stream, c, nil, nil)
@@ -320,7 +320,7 @@ func faultPoison(t *testing.T) faultRow {
 	poisonBatch("poison-ghost", ghostSubject, 0)
 	pause(5 * time.Second)
 	fw.stop()
-	ok := waitFor(30*time.Second, func() bool { return b.count(t, "FAILED") >= 2 })
+	ok := waitFor(30*time.Second, func() bool { return b.db.Count(t, "FAILED") >= 2 })
 	r := settle(t, b, l, b.js, b.stream, c, nil, map[string]bool{"poison-big": true, "poison-ghost": true})
 	var firsts int
 	_ = b.db.Get(&firsts, `SELECT count(*) FROM events WHERE entity_id LIKE 'poison-%' AND event_status = 'SUCCESS'`)
@@ -531,11 +531,11 @@ func faultStreamFull(t *testing.T) faultRow {
 		return int(s.CachedInfo().State.Msgs)
 	}
 	full := waitFor(20*time.Second, func() bool { return msgs() >= limit })
-	fullAt := b.count(t, "SUCCESS")
+	fullAt := b.db.Count(t, "SUCCESS")
 	// Writers keep writing against the full stream.
 	pause(8 * time.Second)
-	waited := b.count(t, "READY")
-	successFull := b.count(t, "SUCCESS")
+	waited := b.db.Count(t, "READY")
+	successFull := b.db.Count(t, "SUCCESS")
 	var burnt, failedFull int
 	_ = b.db.Get(&burnt, `SELECT count(*) FROM events WHERE attempts > 0`)
 	_ = b.db.Get(&failedFull, `SELECT count(*) FROM events WHERE event_status = 'FAILED'`)
@@ -551,7 +551,7 @@ func faultStreamFull(t *testing.T) faultRow {
 		t.Fatalf("raise MaxMsgs: %v", err)
 	}
 	raised := time.Now()
-	caughtUp := waitFor(60*time.Second, func() bool { return b.count(t, "READY") < 50 })
+	caughtUp := waitFor(60*time.Second, func() bool { return b.db.Count(t, "READY") < 50 })
 	recover := time.Since(raised)
 	pause(2 * time.Second)
 	fw.stop()

@@ -206,7 +206,7 @@ func TestMetricsCountReconnectsAndReadyzFollowsTheBroker(t *testing.T) {
 
 	// The LISTEN connection is cut: it reconnects, and that is counted.
 	testenv.Eventually(t, 20*time.Second, func() bool {
-		return b.rows(t, `SELECT count(pg_terminate_backend(pid))::int FROM pg_stat_activity
+		return b.db.Int(t, `SELECT count(pg_terminate_backend(pid))::int FROM pg_stat_activity
 			WHERE query LIKE 'LISTEN %outbox_' || to_regclass('events')::oid || '%'`) == 1
 	}, "LISTEN connection terminated")
 	testenv.Eventually(t, 30*time.Second, func() bool {

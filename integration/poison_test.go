@@ -57,7 +57,7 @@ func TestPoisonEvents(t *testing.T) {
 	startPublisher(t, "publisher", b.db.DSN, "--max-attempts", "1", "--retry-base", "100ms")
 	testenv.Eventually(t, 30*time.Second, func() bool {
 		return b.status(t, ghostIDs[0]) == "FAILED" && b.status(t, bigIDs[1]) == "FAILED" &&
-			b.count(t, "SUCCESS") == 151
+			b.db.Count(t, "SUCCESS") == 151
 	}, "expected the 150 normal events and big's first SUCCESS, and both poison events FAILED")
 	require.Equal(t, map[string]int{"SUCCESS": 151, "FAILED": 2, "READY": 3}, b.counts(t),
 		"ghost's and big's later events wait behind their FAILED events")

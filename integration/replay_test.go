@@ -101,13 +101,13 @@ func TestReplay(t *testing.T) {
 
 		msgs := readStream(t, b.js, b.stream)
 		require.Len(t, msgs, total+want, "the stream holds the originals and the replayed copies")
-		requireEachOnce(t, msgs[:total], b.ids(t, ""))
+		requireEachOnce(t, msgs[:total], b.db.IDs(t, ""))
 		requireReplayed(t, msgs[total:], b.eventIDs(t, `entity_id = 'r001'`), runID)
 
 		testenv.Eventually(t, 30*time.Second, func() bool { return delivered.Load() == int64(total+want) },
 			"consumer did not get the %d replayed copies", want)
 		require.EqualValues(t, total, processed.Load(), "handler runs: pkg/dedup drops every replayed copy")
-		require.Equal(t, total, b.rows(t, `SELECT count(*) FROM processed_message WHERE consumer_id = 'billing'`))
+		require.Equal(t, total, b.db.Int(t, `SELECT count(*) FROM processed_message WHERE consumer_id = 'billing'`))
 		require.Equal(t, map[string]int{"SUCCESS": total}, b.counts(t), "replay does not change the events table")
 
 		// A second replay gets a new run id, so the stream takes it again.
@@ -164,7 +164,7 @@ func TestReplay(t *testing.T) {
 		t.Parallel()
 		b := setup(t)
 		published(t, b, entityNames("u", 2), 5)
-		first := b.ids(t, "")[0]
+		first := b.db.IDs(t, "")[0]
 		r := cli(t, "replay", "--since", "1h", "--subject-prefix", "nostream"+testenv.Suffix(),
 			"--database-url", b.db.DSN, "--nats-url", testenv.NATSURL())
 		require.Equal(t, 1, r.code, "exit status; stderr:\n%s", r.stderr)

@@ -74,7 +74,7 @@ func TestRequeueFilters(t *testing.T) {
 			r := requireCLI(t, append([]string{"requeue", "--dry-run", "--database-url", b.db.DSN}, tc.args...)...)
 			require.Equal(t, tc.want, r.stdout, "%s: requeue --dry-run %v", tc.name, tc.args)
 		}
-		require.Equal(t, 5, b.count(t, "FAILED"), "dry runs change nothing")
+		require.Equal(t, 5, b.db.Count(t, "FAILED"), "dry runs change nothing")
 	})
 
 	t.Run("combined filters requeue only the matching events", func(t *testing.T) {
@@ -82,15 +82,15 @@ func TestRequeueFilters(t *testing.T) {
 		b, ids := requeueFixture(t)
 		r := requireCLI(t, "requeue", "--since", "2h", "--error-contains", "50%_limit", "--database-url", b.db.DSN)
 		require.Equal(t, "requeued 1 FAILED event\n", r.stdout)
-		require.Equal(t, []string{ids["e4"]}, b.ids(t, "READY"))
+		require.Equal(t, []string{ids["e4"]}, b.db.IDs(t, "READY"))
 		var attempts int
 		require.NoError(t, b.db.Get(&attempts, `SELECT attempts FROM events WHERE event_id = $1`, ids["e4"]))
 		require.Zero(t, attempts, "attempts reset")
 
 		r = requireCLI(t, "requeue", "--until", "1h", "--database-url", b.db.DSN)
 		require.Equal(t, "requeued 2 FAILED events\n", r.stdout)
-		require.ElementsMatch(t, []string{ids["e1"], ids["e2"], ids["e4"]}, b.ids(t, "READY"))
-		require.Equal(t, 1, b.count(t, "SUCCESS"), "a SUCCESS event is never requeued")
+		require.ElementsMatch(t, []string{ids["e1"], ids["e2"], ids["e4"]}, b.db.IDs(t, "READY"))
+		require.Equal(t, 1, b.db.Count(t, "SUCCESS"), "a SUCCESS event is never requeued")
 	})
 
 	t.Run("usage errors exit 2", func(t *testing.T) {

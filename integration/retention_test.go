@@ -57,10 +57,10 @@ func TestProcessedRetention(t *testing.T) {
 		startPublisher(t, "publisher", b.db.DSN, "--processed-retention", "2h", "--retention-schedule", "@every 1s")
 		b.waitAllSuccess(t, 1, 30*time.Second)
 		testenv.Eventually(t, 30*time.Second, func() bool {
-			return b.rows(t, `SELECT count(*) FROM processed_message`) == 1
+			return b.db.Int(t, `SELECT count(*) FROM processed_message`) == 1
 		}, "old processed_message rows deleted")
-		require.Equal(t, 1, b.rows(t, `SELECT count(*) FROM processed_message WHERE message_id = 'new'`))
-		require.Equal(t, 1, b.count(t, "SUCCESS"), "events are kept without --retention")
+		require.Equal(t, 1, b.db.Int(t, `SELECT count(*) FROM processed_message WHERE message_id = 'new'`))
+		require.Equal(t, 1, b.db.Count(t, "SUCCESS"), "events are kept without --retention")
 	})
 
 	t.Run("negative retention is a usage error", func(t *testing.T) {

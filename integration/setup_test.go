@@ -173,31 +173,6 @@ func (b *bundle) counts(t *testing.T) map[string]int {
 	return out
 }
 
-// count returns the number of events in status.
-func (b *bundle) count(t *testing.T, status string) int {
-	t.Helper()
-	var n int
-	require.NoError(t, b.db.Get(&n, `SELECT count(*) FROM events WHERE event_status = $1`, status))
-	return n
-}
-
-// rows runs a count query in the test's schema.
-func (b *bundle) rows(t *testing.T, query string, args ...any) int {
-	t.Helper()
-	var n int
-	require.NoError(t, b.db.Get(&n, query, args...))
-	return n
-}
-
-// ids returns the ids of the events in status ("" for all).
-func (b *bundle) ids(t *testing.T, status string) []string {
-	t.Helper()
-	var ids []string
-	require.NoError(t, b.db.Select(&ids, `SELECT event_id::text FROM events
-		WHERE $1 = '' OR event_status = $1 ORDER BY seq`, status))
-	return ids
-}
-
 // waitAllSuccess waits until every one of want events is SUCCESS, failing
 // early if any is FAILED.
 func (b *bundle) waitAllSuccess(t *testing.T, want int, timeout time.Duration) {

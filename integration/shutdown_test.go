@@ -22,7 +22,7 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 	w := b.writeAll(t, entityNames("e", 30), 2000)
 
 	p := startPublisher(t, "publisher", b.db.DSN, "--batch-size", "50")
-	testenv.Eventually(t, 30*time.Second, func() bool { return b.count(t, "SUCCESS") >= 200 },
+	testenv.Eventually(t, 30*time.Second, func() bool { return b.db.Count(t, "SUCCESS") >= 200 },
 		"the publisher never published 200 events")
 
 	// Keep writing while the publisher stops.
@@ -47,7 +47,7 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 
 	// Written events are either published or still waiting; what the
 	// stopped publisher marked SUCCESS reached the stream.
-	total := b.rows(t, `SELECT count(*) FROM events`)
+	total := b.db.Int(t, `SELECT count(*) FROM events`)
 	require.Equal(t, w.written(), total)
 	c := b.counts(t)
 	require.Zero(t, c["FAILED"])
@@ -56,7 +56,7 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 	for _, m := range readStream(t, b.js, b.stream) {
 		inStream[m.eventID] = true
 	}
-	for _, id := range b.ids(t, "SUCCESS") {
+	for _, id := range b.db.IDs(t, "SUCCESS") {
 		require.True(t, inStream[id], "event %s is SUCCESS but not in the stream", id)
 	}
 	t.Logf("at SIGTERM exit: %d SUCCESS, %d READY", c["SUCCESS"], c["READY"])
@@ -66,7 +66,7 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 	// with Run's context was rolled back by the stop, leaving the batch in
 	// flight published but READY.)
 	require.NotRegexp(t, markFailed, p.Logs(), "the batch in flight at SIGTERM was not marked")
-	for _, id := range b.ids(t, "READY") {
+	for _, id := range b.db.IDs(t, "READY") {
 		require.False(t, inStream[id], "event %s was published before the exit but left READY", id)
 	}
 
@@ -76,7 +76,7 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 	require.Zero(t, p2.Wait(t, 30*time.Second))
 
 	msgs := readStream(t, b.js, b.stream)
-	requireEachOnce(t, msgs, b.ids(t, ""))
+	requireEachOnce(t, msgs, b.db.IDs(t, ""))
 	requireInOrder(t, msgs, w.next)
 }
 

@@ -25,9 +25,9 @@ func TestRolledBackEventsAreNeverPublished(t *testing.T) {
 	committed := changes(b.prefix+".order.committed", 3, 2)
 	b.write(t, committed...)
 
-	testenv.Eventually(t, 10*time.Second, func() bool { return b.count(t, "SUCCESS") == len(committed) },
+	testenv.Eventually(t, 10*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == len(committed) },
 		"the committed transaction's %d events SUCCESS", len(committed))
-	require.Equal(t, len(committed), b.scalar(t, `SELECT count(*) FROM events`),
+	require.Equal(t, len(committed), b.db.Int(t, `SELECT count(*) FROM events`),
 		"a rolled-back transaction left rows")
 	msgs := b.received(t)
 	requireOnceInOrder(t, msgs, len(committed))
@@ -54,7 +54,7 @@ func TestLateCommitIsPublished(t *testing.T) {
 	b.write(t, outbox.Event{
 		EntityType: "order", EntityID: "b", Type: "Created", Subject: b.prefix + ".order.b", Data: map[string]int{},
 	})
-	testenv.Eventually(t, 10*time.Second, func() bool { return b.count(t, "SUCCESS") == 1 },
+	testenv.Eventually(t, 10*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == 1 },
 		"the early commit SUCCESS")
 	var lateSeq, earlySeq int64
 	require.NoError(t, b.db.Get(&earlySeq, `SELECT seq FROM events WHERE event_status = 'SUCCESS'`))
@@ -62,7 +62,7 @@ func TestLateCommitIsPublished(t *testing.T) {
 	require.NoError(t, late.Commit())
 	require.NoError(t, b.db.Get(&lateSeq, `SELECT seq FROM events WHERE event_id = $1`, lateIDs[0]))
 	require.Less(t, lateSeq, earlySeq, "the late transaction's event must have the lower seq")
-	testenv.Eventually(t, 10*time.Second, func() bool { return b.count(t, "SUCCESS") == 2 },
+	testenv.Eventually(t, 10*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == 2 },
 		"the late commit SUCCESS")
 	msgs := b.received(t)
 	requireOnceInOrder(t, msgs, 2)

@@ -35,10 +35,10 @@ func TestHousekeepingDeletesOnlyOldPublishedEvents(t *testing.T) {
 	})
 	require.NoError(t, err)
 	defer stop()
-	testenv.Eventually(t, 20*time.Second, func() bool { return b.count(t, "SUCCESS") == 100 },
+	testenv.Eventually(t, 20*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == 100 },
 		"old SUCCESS events deleted")
-	require.Equal(t, 50, b.count(t, "READY"))
-	require.Equal(t, 50, b.count(t, "FAILED"))
+	require.Equal(t, 50, b.db.Count(t, "READY"))
+	require.Equal(t, 50, b.db.Count(t, "FAILED"))
 }
 
 func TestHousekeepingDeletesOnlyOldProcessedMessages(t *testing.T) {
@@ -88,7 +88,7 @@ func TestHousekeepingProcessedRetentionLeavesEventsAlone(t *testing.T) {
 		require.NoError(t, b.db.Get(&n, `SELECT count(*) FROM processed_message`))
 		return n == 0
 	}, "old processed_message row deleted")
-	require.Equal(t, 1, b.count(t, "SUCCESS"), "published events are kept without --retention")
+	require.Equal(t, 1, b.db.Count(t, "SUCCESS"), "published events are kept without --retention")
 }
 
 func TestHousekeepingRejectsBadSchedules(t *testing.T) {

@@ -48,10 +48,10 @@ func TestStandbyTakesOverWhenLeaderStops(t *testing.T) {
 		"the standby takes over")
 
 	total := len(first) + len(second)
-	testenv.Eventually(t, 20*time.Second, func() bool { return b.count(t, "SUCCESS") == total },
+	testenv.Eventually(t, 20*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == total },
 		"all %d events SUCCESS", total)
 	require.Positive(t, standby.Stats().Published, "the new leader publishes")
-	require.Zero(t, b.count(t, "FAILED"))
+	require.Zero(t, b.db.Count(t, "FAILED"))
 	requireOnceInOrder(t, b.received(t), total)
 }
 
@@ -74,7 +74,7 @@ func TestDatabaseSessionsTerminated(t *testing.T) {
 	// (first key "obx1") it holds on this schema's events table. Writers
 	// take other advisory locks on the table, so the key matters.
 	terminate := func() int {
-		return b.scalar(t, `SELECT count(*) FROM (
+		return b.db.Int(t, `SELECT count(*) FROM (
 			SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a
 			WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
 			  AND (a.application_name = $1 OR a.pid IN (
@@ -97,10 +97,10 @@ func TestDatabaseSessionsTerminated(t *testing.T) {
 			"the poller's sessions are terminated")
 	}
 
-	testenv.Eventually(t, 30*time.Second, func() bool { return b.count(t, "SUCCESS") == total },
+	testenv.Eventually(t, 30*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == total },
 		"all %d events SUCCESS", total)
-	require.Zero(t, b.count(t, "FAILED"))
-	require.Zero(t, b.scalar(t, `SELECT count(*) FROM events WHERE attempts > 0`))
+	require.Zero(t, b.db.Count(t, "FAILED"))
+	require.Zero(t, b.db.Int(t, `SELECT count(*) FROM events WHERE attempts > 0`))
 	requireOnceInOrder(t, b.received(t), total)
 }
 

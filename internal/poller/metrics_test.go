@@ -42,7 +42,7 @@ func TestMetricsFollowThePublishLoop(t *testing.T) {
 		return testutil.ToFloat64(m.Leader) == 1
 	}, "outbox_leader is 1 while leading")
 	testenv.Eventually(t, 20*time.Second, func() bool {
-		return b.count(t, "SUCCESS") == 10 && b.count(t, "FAILED") == 1
+		return b.db.Count(t, "SUCCESS") == 10 && b.db.Count(t, "FAILED") == 1
 	}, "10 events published and 1 FAILED")
 
 	require.Equal(t, 10.0, testutil.ToFloat64(m.Events.WithLabelValues(poller.OutcomeSuccess)))

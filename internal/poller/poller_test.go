@@ -129,27 +129,6 @@ func (b *bundle) write(t *testing.T, events ...outbox.Event) {
 	require.NoError(t, tx.Commit())
 }
 
-func (b *bundle) count(t *testing.T, status string) int {
-	t.Helper()
-	return b.scalar(t, `SELECT count(*) FROM events WHERE event_status = $1`, status)
-}
-
-// scalar runs a query returning one integer in the test's schema.
-func (b *bundle) scalar(t *testing.T, query string, args ...any) int {
-	t.Helper()
-	var n int
-	require.NoError(t, b.db.Get(&n, query, args...))
-	return n
-}
-
-// ids returns the ids of the events in status, in seq order.
-func (b *bundle) ids(t *testing.T, status string) []string {
-	t.Helper()
-	var ids []string
-	require.NoError(t, b.db.Select(&ids, `SELECT event_id::text FROM events WHERE event_status = $1 ORDER BY seq`, status))
-	return ids
-}
-
 // received reads every message of the stream, in stream order.
 func (b *bundle) received(t *testing.T) []jetstream.Msg {
 	t.Helper()
@@ -246,7 +225,7 @@ func TestPublishHappyPath(t *testing.T) {
 	b.start(t, poller.Config{BatchSize: 64, Logger: testLogger(t)})
 	b.write(t, events[250:]...)
 
-	testenv.Eventually(t, 30*time.Second, func() bool { return b.count(t, "SUCCESS") == len(events) },
+	testenv.Eventually(t, 30*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == len(events) },
 		"all %d events SUCCESS", len(events))
 	msgs := b.received(t)
 	require.Len(t, msgs, len(events))
@@ -331,10 +310,10 @@ func TestGracefulStopLeavesNothingStuck(t *testing.T) {
 		require.NoError(t, stop(), "round %d", round)
 		require.False(t, p.Stats().Leader)
 
-		success, ready := b.count(t, "SUCCESS"), b.count(t, "READY")
+		success, ready := b.db.Count(t, "SUCCESS"), b.db.Count(t, "READY")
 		require.Equal(t, len(events), success+ready, "every row SUCCESS or READY")
 		require.Positive(t, ready, "the backlog drained before the stop; make it larger")
-		require.Zero(t, b.scalar(t, `SELECT count(*) FROM events WHERE attempts > 0`))
+		require.Zero(t, b.db.Int(t, `SELECT count(*) FROM events WHERE attempts > 0`))
 		info, err := b.stream.Info(context.Background())
 		require.NoError(t, err)
 		require.EqualValues(t, success, info.State.Msgs,
@@ -349,17 +328,17 @@ func TestGracefulStopLeavesNothingStuck(t *testing.T) {
 		require.NoError(t, tx.Rollback())
 		require.Equal(t, ready, lockable, "READY rows still locked after Run returned")
 		testenv.Eventually(t, 5*time.Second, func() bool {
-			return b.scalar(t, `SELECT count(*) FROM pg_locks
+			return b.db.Int(t, `SELECT count(*) FROM pg_locks
 				WHERE locktype = 'advisory' AND objid = 'events'::regclass::oid`) == 0
 		}, "the leader lock is released")
 	}
 
 	inStream := streamIDs(b.received(t))
-	for _, id := range b.ids(t, "SUCCESS") {
+	for _, id := range b.db.IDs(t, "SUCCESS") {
 		require.True(t, inStream[id], "SUCCESS event %s is not in the stream", id)
 	}
 	b.start(t, cfg)
-	testenv.Eventually(t, 30*time.Second, func() bool { return b.count(t, "SUCCESS") == len(events) },
+	testenv.Eventually(t, 30*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == len(events) },
 		"a new poller drains the remaining events")
 	requireOnceInOrder(t, b.received(t), len(events))
 }

@@ -36,7 +36,7 @@ func TestUnroutableEventFailsAndBlocksItsEntity(t *testing.T) {
 	b.write(t, append(blocked, others...)...)
 
 	testenv.Eventually(t, 15*time.Second, func() bool {
-		return b.count(t, "FAILED") == 1 && b.count(t, "SUCCESS") == len(others)
+		return b.db.Count(t, "FAILED") == 1 && b.db.Count(t, "SUCCESS") == len(others)
 	}, "the unroutable event FAILED and the other entities SUCCESS")
 	var failed struct {
 		Attempts  int    `db:"attempts"`
@@ -51,9 +51,9 @@ func TestUnroutableEventFailsAndBlocksItsEntity(t *testing.T) {
 	// A later event of another entity is published, so the loop has claimed
 	// past the blocked entity's waiting events without taking them.
 	b.write(t, changes(good, 1, 1)...)
-	testenv.Eventually(t, 10*time.Second, func() bool { return b.count(t, "SUCCESS") == len(others)+1 },
+	testenv.Eventually(t, 10*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == len(others)+1 },
 		"a later event of another entity SUCCESS")
-	require.Equal(t, 2, b.scalar(t, `SELECT count(*) FROM events
+	require.Equal(t, 2, b.db.Int(t, `SELECT count(*) FROM events
 		WHERE entity_id = 'blocked' AND event_status = 'READY' AND attempts = 0`), "blocked events must wait READY")
 	require.EqualValues(t, 1, p.Stats().Failed)
 	require.EqualValues(t, cfg.MaxAttempts, p.Stats().Refused)
@@ -69,9 +69,9 @@ func TestUnroutableEventFailsAndBlocksItsEntity(t *testing.T) {
 	b.requeueFailed(t)
 
 	total := len(blocked) + len(others) + 1
-	testenv.Eventually(t, 15*time.Second, func() bool { return b.count(t, "SUCCESS") == total },
+	testenv.Eventually(t, 15*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == total },
 		"all %d events SUCCESS after the requeue", total)
-	require.Zero(t, b.count(t, "FAILED"))
+	require.Zero(t, b.db.Count(t, "FAILED"))
 	requireOnceInOrder(t, b.received(t), total)
 }
 
@@ -104,7 +104,7 @@ func TestTooLargeEventFailsAtOnce(t *testing.T) {
 	b.write(t, append([]outbox.Event{big, after}, others...)...)
 
 	testenv.Eventually(t, 10*time.Second, func() bool {
-		return b.count(t, "FAILED") == 1 && b.count(t, "SUCCESS") == len(others)
+		return b.db.Count(t, "FAILED") == 1 && b.db.Count(t, "SUCCESS") == len(others)
 	}, "the large event FAILED and the other entities SUCCESS")
 	var failed struct {
 		Attempts  int    `db:"attempts"`
@@ -116,7 +116,7 @@ func TestTooLargeEventFailsAtOnce(t *testing.T) {
 	// Stats are counted after the commit the database already shows.
 	testenv.Eventually(t, 5*time.Second, func() bool { return p.Stats().Failed == 1 }, "Stats().Failed == 1")
 	require.EqualValues(t, 1, p.Stats().Refused)
-	require.Equal(t, 1, b.scalar(t, `SELECT count(*) FROM events WHERE entity_id = 'big' AND event_status = 'READY'`),
+	require.Equal(t, 1, b.db.Int(t, `SELECT count(*) FROM events WHERE entity_id = 'big' AND event_status = 'READY'`),
 		"the large event's entity must stay blocked")
 	requireOnceInOrder(t, b.received(t), len(others))
 }
@@ -136,11 +136,11 @@ func TestFullStreamBacksOffWithoutBurningAttempts(t *testing.T) {
 	b.write(t, events...)
 
 	testenv.Eventually(t, 10*time.Second, func() bool {
-		return b.count(t, "SUCCESS") == 5 && p.Stats().Backoffs >= 2
+		return b.db.Count(t, "SUCCESS") == 5 && p.Stats().Backoffs >= 2
 	}, "5 events SUCCESS and the loop backing off")
-	require.Equal(t, len(events)-5, b.count(t, "READY"))
-	require.Zero(t, b.count(t, "FAILED"))
-	require.Zero(t, b.scalar(t, `SELECT count(*) FROM events WHERE attempts > 0`), "a full stream must not burn attempts")
+	require.Equal(t, len(events)-5, b.db.Count(t, "READY"))
+	require.Zero(t, b.db.Count(t, "FAILED"))
+	require.Zero(t, b.db.Int(t, `SELECT count(*) FROM events WHERE attempts > 0`), "a full stream must not burn attempts")
 	require.Zero(t, p.Stats().Refused)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -152,9 +152,9 @@ func TestFullStreamBacksOffWithoutBurningAttempts(t *testing.T) {
 	_, err = b.js.UpdateStream(ctx, sc)
 	require.NoError(t, err)
 
-	testenv.Eventually(t, 10*time.Second, func() bool { return b.count(t, "SUCCESS") == len(events) },
+	testenv.Eventually(t, 10*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == len(events) },
 		"all %d events SUCCESS once the stream has room", len(events))
-	require.Zero(t, b.count(t, "FAILED"))
+	require.Zero(t, b.db.Count(t, "FAILED"))
 	requireOnceInOrder(t, b.received(t), len(events))
 }
 
@@ -183,16 +183,16 @@ func TestBrokerRestartLosesNothing(t *testing.T) {
 	b.write(t, during...)
 	testenv.Eventually(t, 15*time.Second, func() bool { return p.Stats().Backoffs >= 2 },
 		"the loop backs off while the broker is down")
-	require.Positive(t, b.count(t, "READY"))
+	require.Positive(t, b.db.Count(t, "READY"))
 	srv.Start()
 	after := changes(subject, 5, 10)
 	b.write(t, after...)
 
 	total := len(before) + len(during) + len(after)
-	testenv.Eventually(t, 30*time.Second, func() bool { return b.count(t, "SUCCESS") == total },
+	testenv.Eventually(t, 30*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == total },
 		"all %d events SUCCESS after the restart", total)
-	require.Zero(t, b.count(t, "FAILED"))
-	require.Zero(t, b.scalar(t, `SELECT count(*) FROM events WHERE attempts > 0`), "an outage must not burn attempts")
+	require.Zero(t, b.db.Count(t, "FAILED"))
+	require.Zero(t, b.db.Int(t, `SELECT count(*) FROM events WHERE attempts > 0`), "an outage must not burn attempts")
 	require.Zero(t, p.Stats().Refused)
 	requireOnceInOrder(t, b.received(t), total)
 }

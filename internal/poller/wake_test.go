@@ -13,7 +13,7 @@ import (
 // sleeping reports whether a publisher holds the sleep lock of the test's
 // events table, i.e. waits for a NOTIFY.
 func (b *bundle) sleeping(t *testing.T) bool {
-	return b.scalar(t, `SELECT count(*) FROM pg_locks
+	return b.db.Int(t, `SELECT count(*) FROM pg_locks
 		WHERE locktype = 'advisory' AND classid = $1::bigint::oid
 		  AND objid = to_regclass('events')::oid AND objsubid = 2 AND granted`,
 		schema.SleepLockNamespace) == 1
@@ -33,7 +33,7 @@ func TestNotifyWakesASleepingPublisher(t *testing.T) {
 		testenv.Eventually(t, 10*time.Second, func() bool { return b.sleeping(t) },
 			"round %d: the idle publisher sleeps", round)
 		b.write(t, changes(b.prefix+".order.changed", 1, 1)...)
-		testenv.Eventually(t, 20*time.Second, func() bool { return b.count(t, "SUCCESS") == round+1 },
+		testenv.Eventually(t, 20*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == round+1 },
 			"round %d: the NOTIFY woke the publisher", round)
 	}
 }
@@ -47,7 +47,7 @@ func TestPollOnlyPublisherNeverSleepsOnTheLock(t *testing.T) {
 	cfg.NoListen = true
 	b.start(t, cfg)
 	b.write(t, changes(b.prefix+".order.changed", 2, 5)...)
-	testenv.Eventually(t, 20*time.Second, func() bool { return b.count(t, "SUCCESS") == 10 }, "polled and published")
+	testenv.Eventually(t, 20*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == 10 }, "polled and published")
 	// Watch it idle for four times as long as a listening publisher takes
 	// to fall asleep: it never takes the lock.
 	for end := time.Now().Add(time.Second); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {

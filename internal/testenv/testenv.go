@@ -162,3 +162,30 @@ func Eventually(t testing.TB, timeout time.Duration, cond func() bool, msg strin
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// Int runs a query returning one integer in the test's schema.
+func (db *DB) Int(t testing.TB, query string, args ...any) int {
+	t.Helper()
+	var n int
+	if err := db.Get(&n, query, args...); err != nil {
+		t.Fatalf("query %q: %v", query, err)
+	}
+	return n
+}
+
+// Count returns the number of events in status.
+func (db *DB) Count(t testing.TB, status string) int {
+	t.Helper()
+	return db.Int(t, `SELECT count(*) FROM events WHERE event_status = $1`, status)
+}
+
+// IDs returns the ids of the events in status ("" for all), in seq order.
+func (db *DB) IDs(t testing.TB, status string) []string {
+	t.Helper()
+	var ids []string
+	if err := db.Select(&ids, `SELECT event_id::text FROM events
+		WHERE $1 = '' OR event_status = $1 ORDER BY seq`, status); err != nil {
+		t.Fatalf("read event ids: %v", err)
+	}
+	return ids
+}
