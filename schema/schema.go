@@ -128,6 +128,11 @@ func (n Name) sibling(suffix string) Name {
 	return Name{Schema: n.Schema, Table: n.Table + suffix}
 }
 
+// Leases and Replicas name the partition-lease tables of the events table
+// n (migration 0002), in n's schema.
+func (n Name) Leases() Name   { return n.sibling("_leases") }
+func (n Name) Replicas() Name { return n.sibling("_replicas") }
+
 // Channel returns the LISTEN/NOTIFY channel of the events table whose oid
 // is tableOID: the insert trigger notifies "outbox_<oid>", so tables of the
 // same name in different schemas never wake each other's publishers.
@@ -180,6 +185,8 @@ func templateVars(t Tables) map[string]string {
 	return map[string]string{
 		"Events":           ev.Quoted(),
 		"Processed":        pr.Quoted(),
+		"Leases":           ev.Leases().Quoted(),
+		"Replicas":         ev.Replicas().Quoted(),
 		"SeqIndex":         pq.QuoteIdentifier(ev.Table + "_seq_idx"),
 		"ReadyIndex":       pq.QuoteIdentifier(ev.Table + "_ready_idx"),
 		"BlockedIndex":     pq.QuoteIdentifier(ev.Table + "_blocked_idx"),

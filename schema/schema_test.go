@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -208,16 +209,16 @@ func TestMigrate(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
 
-	t.Run("applies version 1 on a fresh schema, then nothing", func(t *testing.T) {
+	t.Run("applies every version on a fresh schema, then nothing", func(t *testing.T) {
 		t.Parallel()
 		db, _, _ := newSchema(t)
 
 		applied, err := schema.Migrate(ctx, db, schema.Tables{})
 		require.NoError(t, err)
-		require.Equal(t, []int{1}, applied)
+		require.Equal(t, []int{1, 2}, applied)
 		for _, name := range []string{"events", "processed_message", "events_migrations",
 			"events_seq_idx", "events_ready_idx", "events_entity_idx",
-			"processed_message_processed_at_idx", "events_notify()"} {
+			"processed_message_processed_at_idx", "events_notify()", "events_leases", "events_replicas"} {
 			require.True(t, exists(t, db, name), "%s is missing", name)
 		}
 		var recorded []int
@@ -229,14 +230,14 @@ func TestMigrate(t *testing.T) {
 			recorded = append(recorded, v)
 		}
 		require.NoError(t, rows.Err())
-		require.Equal(t, []int{1}, recorded)
+		require.Equal(t, []int{1, 2}, recorded)
 
 		applied, err = schema.Migrate(ctx, db, schema.Tables{})
 		require.NoError(t, err)
 		require.Empty(t, applied, "a second Migrate applies nothing")
 	})
 
-	t.Run("concurrent callers apply version 1 once", func(t *testing.T) {
+	t.Run("concurrent callers apply the migrations once", func(t *testing.T) {
 		t.Parallel()
 		db, _, _ := newSchema(t)
 
@@ -257,13 +258,13 @@ func TestMigrate(t *testing.T) {
 			require.NoError(t, errs[i], "caller %d", i)
 			switch {
 			case len(applied[i]) == 0:
-			case len(applied[i]) == 1 && applied[i][0] == 1:
+			case slices.Equal(applied[i], []int{1, 2}):
 				once++
 			default:
 				t.Fatalf("caller %d applied %v", i, applied[i])
 			}
 		}
-		require.Equal(t, 1, once, "exactly one caller applies version 1")
+		require.Equal(t, 1, once, "exactly one caller applies them")
 	})
 
 	t.Run("schema-qualified custom names", func(t *testing.T) {
@@ -275,8 +276,8 @@ func TestMigrate(t *testing.T) {
 		// tables in the test's schema.
 		applied, err := schema.Migrate(ctx, admin, tables)
 		require.NoError(t, err)
-		require.Equal(t, []int{1}, applied)
-		for _, rel := range []string{"my_events", "my_processed", "my_events_migrations", "my_events_ready_idx", "my_events_notify()"} {
+		require.Equal(t, []int{1, 2}, applied)
+		for _, rel := range []string{"my_events", "my_processed", "my_events_migrations", "my_events_ready_idx", "my_events_notify()", "my_events_leases"} {
 			require.True(t, exists(t, admin, name+"."+rel), "%s.%s is missing", name, rel)
 		}
 
@@ -296,7 +297,7 @@ func TestMigrate(t *testing.T) {
 		db := testenv.NewDB(t) // already holds the default tables
 		applied, err := schema.Migrate(ctx, db.DB.DB, schema.Tables{Events: "my_events", Processed: "my_processed"})
 		require.NoError(t, err)
-		require.Equal(t, []int{1}, applied, "custom tables keep their own version record")
+		require.Equal(t, []int{1, 2}, applied, "custom tables keep their own version record")
 		require.True(t, exists(t, db.DB.DB, "my_events"))
 		require.True(t, exists(t, db.DB.DB, "events"))
 	})

@@ -55,22 +55,28 @@ type readiness struct {
 const (
 	roleStarting = "starting" // not publishing or standing by yet
 	roleLeader   = "leader"   // holds the leader lock and publishes
+	roleReplica  = "replica"  // with --partitions: takes part, publishes its leased partitions
 	roleStandby  = "standby"  // waits to take over
 )
 
 // readyReport is the JSON body of /readyz.
 type readyReport struct {
-	Ready    bool   `json:"ready"`
-	Role     string `json:"role"`
-	Database string `json:"database"` // "ok" or what is wrong
-	NATS     string `json:"nats"`     // "ok" or what is wrong
+	Ready bool   `json:"ready"`
+	Role  string `json:"role"`
+	// Partitions is how many partitions a replica publishes (role replica).
+	Partitions int    `json:"partitions,omitempty"`
+	Database   string `json:"database"` // "ok" or what is wrong
+	NATS       string `json:"nats"`     // "ok" or what is wrong
 }
 
 func (rd *readiness) check(ctx context.Context) readyReport {
 	r := readyReport{Role: roleStarting, Database: "ok", NATS: "ok"}
 	if p := rd.poller.Load(); p != nil {
 		r.Role = roleStandby
-		if p.Stats().Leader {
+		switch st := p.Stats(); {
+		case st.Leader && p.Partitioned():
+			r.Role, r.Partitions = roleReplica, st.Partitions
+		case st.Leader:
 			r.Role = roleLeader
 		}
 	}

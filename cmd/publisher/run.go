@@ -27,6 +27,8 @@ type runOptions struct {
 	retryMax        time.Duration
 	backoffMax      time.Duration
 	leaderTimeout   time.Duration
+	partitions      int
+	replicaID       string
 	createStream    string
 	streamSubjects  string
 	duplicateWindow time.Duration
@@ -47,7 +49,12 @@ once JetStream has acknowledged them. Wakes on NOTIFY from the insert
 trigger, or every --poll-interval. One publisher per table is active; others
 started against the same table wait as standbys and take over within
 seconds when it dies. SIGTERM or SIGINT: stop claiming, finish the batch in
-flight, exit 0.`)
+flight, exit 0.
+
+With --partitions P, every publisher started with the same P is active:
+entities hash into P partitions, each publisher leases an even share and
+publishes only those, and the shares move within seconds when publishers
+join or leave. An entity's events still go out in order.`)
 	o.common.register(c)
 	o.nats.register(c, "NATS server URL(s), comma-separated")
 	c.Int(&o.batchSize, "batch-size", 500, "most events claimed and published at once")
@@ -58,7 +65,9 @@ flight, exit 0.`)
 	c.Duration(&o.retryBase, "retry-base", time.Second, "first delay before a refused event is retried (doubles each attempt)")
 	c.Duration(&o.retryMax, "retry-max", 5*time.Minute, "longest delay before a refused event is retried")
 	c.Duration(&o.backoffMax, "backoff-max", 30*time.Second, "longest pause while the database or broker is unreachable")
-	c.Duration(&o.leaderTimeout, "leader-timeout", 5*time.Second, "how soon a hung leader loses its lock to a standby")
+	c.Duration(&o.leaderTimeout, "leader-timeout", 5*time.Second, "how soon a hung leader loses its lock to a standby (with --partitions: how long a lease lasts without a heartbeat)")
+	c.Int(&o.partitions, "partitions", 0, fmt.Sprintf("run as one of several active publishers sharing P partitions of the entities, 1 to %d; every publisher of the table needs the same P (0: a single leader, the others stand by)", poller.MaxPartitions))
+	c.String(&o.replicaID, "replica-id", "", "with --partitions: this publisher's name in the lease table, unique per process (default: host-pid-random)")
 	c.String(&o.createStream, "create-stream", "", "create or update this JetStream stream at start (for development)")
 	c.String(&o.streamSubjects, "stream-subjects", ">", "with --create-stream: comma-separated subjects the stream stores")
 	c.Duration(&o.duplicateWindow, "duplicate-window", 2*time.Minute, "with --create-stream: the stream's duplicate window")
@@ -90,6 +99,12 @@ flight, exit 0.`)
 	}
 	if o.retention < 0 {
 		return usagef("run: --retention must not be negative")
+	}
+	if o.partitions < 0 || o.partitions > poller.MaxPartitions {
+		return usagef("run: --partitions must be between 0 and %d, got %d", poller.MaxPartitions, o.partitions)
+	}
+	if o.replicaID != "" && o.partitions == 0 {
+		return usagef("run: --replica-id needs --partitions")
 	}
 	if err := o.processed.validate(); err != nil {
 		return err
@@ -138,7 +153,8 @@ flight, exit 0.`)
 		DB: db, DSN: o.databaseURL, NATS: nc, Table: o.table, BatchSize: o.batchSize,
 		PollInterval: o.pollInterval, NoListen: o.noListen, AckTimeout: o.ackTimeout,
 		MaxAttempts: o.maxAttempts, RetryBase: o.retryBase, RetryMax: o.retryMax,
-		BackoffMax: o.backoffMax, LeaderTimeout: o.leaderTimeout, Logger: log, Metrics: metrics,
+		BackoffMax: o.backoffMax, LeaderTimeout: o.leaderTimeout, Partitions: o.partitions,
+		ReplicaID: o.replicaID, Logger: log, Metrics: metrics,
 	}
 	p, err := poller.New(cfg)
 	if err != nil {

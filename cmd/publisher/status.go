@@ -154,9 +154,22 @@ func printStatus(w io.Writer, st *poller.Status) {
 			leader += ", since " + st.Leader.BackendSince.UTC().Format(time.RFC3339)
 		}
 	}
-	fmt.Fprintf(tw, "leader\t%s\n", leader)
+	if len(st.Replicas) == 0 || st.Leader != nil {
+		fmt.Fprintf(tw, "leader\t%s\n", leader)
+	}
 	fmt.Fprintf(tw, "blocked entities\t%d\n", st.BlockedTotal)
 	tw.Flush()
+
+	if len(st.Replicas) > 0 {
+		fmt.Fprintln(w, "\nPartitioned publishers (--partitions):")
+		tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "REPLICA\tPARTITIONS\tHOLDS\tLAST SEEN")
+		for _, r := range st.Replicas {
+			fmt.Fprintf(tw, "%s\t%d\t%d: %s\t%s\n", r.ID, r.Partitions, len(r.Held),
+				strings.Trim(fmt.Sprint(r.Held), "[]"), r.SeenAt.UTC().Format(time.RFC3339))
+		}
+		tw.Flush()
+	}
 
 	if len(st.Blocked) > 0 {
 		fmt.Fprintln(w, "\nBlocked entities (their later events wait):")

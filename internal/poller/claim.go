@@ -28,35 +28,42 @@ func (r *row) entity() string { return r.entityType + "\x00" + r.entityID }
 
 // queries holds the SQL of one events table, built once from its quoted name.
 type queries struct {
-	probe     string
-	begin     string
-	claim     string
-	markDone  string
-	markRetry string
+	probe      string
+	begin      string
+	claim      string
+	markDone   string
+	markRetry  string
+	stillLeads string
 }
 
-// newQueries builds the claim and mark statements.
+// newQueries builds the claim and mark statements for the events table
+// (quoted) in single-leader mode (partitions = 0) or partitioned mode, whose
+// lease table is leases (quoted).
 //
-// Probe, before claiming: one statement without parameters (one round trip
-// in the simple query protocol) that says whether any row is due, so an
-// idle publisher's frequent polls stay cheap.
+// Probe, before claiming: one statement that says whether any row is due,
+// so an idle publisher's frequent polls stay cheap.
 //
 // Claim, in one transaction that stays open until the mark:
 //
-//  1. take the barrier key shared (see leader.go), bound how long the
-//     transaction may sit idle, so a frozen leader's row locks expire, and
-//     commit asynchronously: a mark lost in a database crash only means the
-//     rows are sent again, which Nats-Msg-Id and pkg/dedup absorb;
+//  1. take the barrier keys shared (see leader.go and leases.go), bound how
+//     long the transaction may sit idle, so a frozen leader's row locks
+//     expire, and commit asynchronously: a mark lost in a database crash
+//     only means the rows are sent again, which Nats-Msg-Id and pkg/dedup
+//     absorb;
 //  2. select READY rows that are due, in seq order, skipping rows locked by
 //     anyone else and rows whose entity has an earlier event that is FAILED
 //     or waiting for a retry (attempts > 0, available_at in the future);
-//     the fence makes the select empty when this process lost leadership.
+//     the fence makes the select empty when this process lost leadership,
+//     and in partitioned mode limits it to the partitions it leases.
 //
 // Mark, in the same transaction: acked rows become SUCCESS in one statement;
 // each refused row gets attempts+1, last_error and a retry time in SQL time,
 // or FAILED. Both carry the fence; a mark that matches fewer rows than it
-// names means leadership was lost, and the transaction is rolled back.
-func newQueries(table string) queries {
+// names means leadership (or a lease) was lost, and the transaction is
+// rolled back.
+//
+// The fence's parameters come last in every statement: see fenceArgs.
+func newQueries(table, leases string, partitions int) queries {
 	// due selects rows e that may be published now.
 	due := `e.event_status = 'READY' AND e.available_at <= now()
 			  AND NOT EXISTS (
@@ -64,29 +71,65 @@ func newQueries(table string) queries {
 				WHERE b.entity_type = e.entity_type AND b.entity_id = e.entity_id AND b.seq < e.seq
 				  AND (b.event_status = 'FAILED'
 				       OR (b.event_status = 'READY' AND b.attempts > 0 AND b.available_at > now())))`
-	return queries{
+	// fence is the condition on row e, its parameters numbered from n;
+	// live also requires the lease not to have expired.
+	fence := func(n int, live bool) string {
+		f := fenceSQL(n, n+1, n+2)
+		if partitions == 0 {
+			return f
+		}
+		expiry := ""
+		if live {
+			expiry = " AND l.expires_at > statement_timestamp()"
+		}
+		return f + fmt.Sprintf(` AND %s = ANY(ARRAY(SELECT l.part FROM %s l
+			WHERE l.owner = $%d AND l.partitions = %d AND l.part = ANY($%d::int[])%s))`,
+			partitionSQL(partitions), leases, n+3, partitions, n+4, expiry)
+	}
+	q := queries{
 		begin: `SELECT pg_advisory_xact_lock_shared($1, $2::bigint::oid::int),
 			set_config('idle_in_transaction_session_timeout', $3, true),
-			set_config('synchronous_commit', 'off', true)`,
+			set_config('synchronous_commit', 'off', true),
+			(SELECT count(pg_advisory_xact_lock_shared(` + partitionKeySQL(2, "k") + `)) FROM unnest($4::int[]) k)`,
 		probe: `SELECT EXISTS (SELECT 1 FROM ` + table + ` e WHERE ` + due + `)`,
 		claim: `SELECT e.event_id, e.seq, e.event_target, e.event_type, e.entity_type, e.entity_id,
 				e.event_data, e.headers, e.attempts, e.created_at
 			FROM ` + table + ` e
 			WHERE ` + due + `
-			  AND ` + fenceSQL(2, 3, 4) + `
+			  AND ` + fence(2, true) + `
 			ORDER BY e.seq
 			LIMIT $1
 			FOR UPDATE OF e SKIP LOCKED`,
-		markDone: `UPDATE ` + table + `
+		markDone: `UPDATE ` + table + ` e
 			SET event_status = 'SUCCESS', published_at = now()
-			WHERE event_id = ANY($1::uuid[]) AND event_status = 'READY' AND ` + fenceSQL(2, 3, 4),
-		markRetry: `UPDATE ` + table + `
+			WHERE event_id = ANY($1::uuid[]) AND event_status = 'READY' AND ` + fence(2, false),
+		markRetry: `UPDATE ` + table + ` e
 			SET attempts = attempts + 1,
-			    last_error = $5,
-			    event_status = CASE WHEN $6 OR attempts + 1 >= $7 THEN 'FAILED' ELSE 'READY' END,
-			    available_at = now() + least($8::float8 * power(2, attempts), $9::float8) * interval '1 millisecond'
-			WHERE event_id = $1::uuid AND event_status = 'READY' AND ` + fenceSQL(2, 3, 4),
+			    last_error = $2,
+			    event_status = CASE WHEN $3 OR attempts + 1 >= $4 THEN 'FAILED' ELSE 'READY' END,
+			    available_at = now() + least($5::float8 * power(2, attempts), $6::float8) * interval '1 millisecond'
+			WHERE event_id = $1::uuid AND event_status = 'READY' AND ` + fence(7, false),
+		stillLeads: `SELECT ` + fenceSQL(1, 2, 3),
 	}
+	if partitions > 0 {
+		q.probe = `SELECT EXISTS (SELECT 1 FROM ` + table + ` e WHERE ` + due + `
+			AND ` + partitionSQL(partitions) + ` = ANY($1::int[]))`
+		q.stillLeads += fmt.Sprintf(` AND (SELECT count(*) FROM %s l
+			WHERE l.owner = $4 AND l.partitions = %d AND l.part = ANY($5::int[])
+			  AND l.expires_at > statement_timestamp()) = cardinality($5::int[])`, leases, partitions)
+	}
+	return q
+}
+
+// fenceArgs are the values of the fence's parameters: the leader lock and
+// this session's pid, then in partitioned mode the replica id and the
+// partitions held.
+func (p *Poller) fenceArgs() []any {
+	args := []any{leaderNamespace, p.tableOID, p.lead.pid}
+	if p.parts != nil {
+		args = append(args, p.parts.id, pq.Array(p.parts.held))
+	}
+	return args
 }
 
 // claim opens the claim transaction and reads up to limit rows. The caller
@@ -96,11 +139,23 @@ func newQueries(table string) queries {
 // transaction when nothing is: cheap polling while idle. Under load, when
 // the last claim found rows, the probe would only add a round trip.
 func (p *Poller) claim(ctx context.Context, limit int, probe bool) (*sql.Tx, []row, error) {
+	var held []int
+	if p.parts != nil {
+		if held = p.parts.held; len(held) == 0 {
+			return nil, nil, nil // no partition of ours to claim from
+		}
+	}
 	if probe {
-		var due bool
+		var (
+			due  bool
+			args []any
+		)
+		if p.parts != nil {
+			args = append(args, pq.Array(held))
+		}
 		stmt, err := p.stmt(ctx, nil, p.q.probe)
 		if err == nil {
-			err = stmt.QueryRowContext(ctx).Scan(&due)
+			err = stmt.QueryRowContext(ctx, args...).Scan(&due)
 		}
 		if err != nil {
 			return nil, nil, fmt.Errorf("probe: %w", err)
@@ -125,7 +180,11 @@ func (p *Poller) claim(ctx context.Context, limit int, probe bool) (*sql.Tx, []r
 	idle := fmt.Sprintf("%dms", p.idleInTx().Milliseconds())
 	begin, err := p.stmt(ctx, tx, p.q.begin)
 	if err == nil {
-		_, err = begin.ExecContext(ctx, barrierNamespace, p.tableOID, idle)
+		ns := barrierNamespace
+		if p.parts != nil {
+			ns = partsBarrierNamespace
+		}
+		_, err = begin.ExecContext(ctx, ns, p.tableOID, idle, pq.Array(held))
 	}
 	if err != nil {
 		tx.Rollback() //nolint:errcheck
@@ -136,7 +195,7 @@ func (p *Poller) claim(ctx context.Context, limit int, probe bool) (*sql.Tx, []r
 		tx.Rollback() //nolint:errcheck
 		return nil, nil, fmt.Errorf("claim batch: %w", err)
 	}
-	rows, err := claim.QueryContext(ctx, limit, leaderNamespace, p.tableOID, p.lead.pid)
+	rows, err := claim.QueryContext(ctx, append([]any{limit}, p.fenceArgs()...)...)
 	if err != nil {
 		tx.Rollback() //nolint:errcheck
 		return nil, nil, fmt.Errorf("claim batch: %w", err)
@@ -150,10 +209,11 @@ func (p *Poller) claim(ctx context.Context, limit int, probe bool) (*sql.Tx, []r
 }
 
 // stillLeads checks, in the claim transaction, that this process still
-// holds the leader lock. A dead transaction counts as lost too.
+// holds the leader lock (and its leases). A dead transaction counts as lost
+// too.
 func (p *Poller) stillLeads(ctx context.Context, tx *sql.Tx) error {
 	var ok bool
-	err := tx.QueryRowContext(ctx, `SELECT `+fenceSQL(1, 2, 3), leaderNamespace, p.tableOID, p.lead.pid).Scan(&ok)
+	err := tx.QueryRowContext(ctx, p.q.stillLeads, p.fenceArgs()...).Scan(&ok)
 	switch {
 	case err != nil:
 		return fmt.Errorf("check leadership: %w", err)
@@ -195,7 +255,7 @@ func (p *Poller) mark(ctx context.Context, tx *sql.Tx, acked []string, refused [
 		if err != nil {
 			return fmt.Errorf("mark published: %w", err)
 		}
-		res, err := done.ExecContext(ctx, pq.Array(acked), leaderNamespace, p.tableOID, p.lead.pid)
+		res, err := done.ExecContext(ctx, append([]any{pq.Array(acked)}, p.fenceArgs()...)...)
 		if err != nil {
 			return fmt.Errorf("mark published: %w", err)
 		}
@@ -204,9 +264,9 @@ func (p *Poller) mark(ctx context.Context, tx *sql.Tx, acked []string, refused [
 		}
 	}
 	for _, r := range refused {
-		res, err := tx.ExecContext(ctx, p.q.markRetry, r.id, leaderNamespace, p.tableOID, p.lead.pid,
-			r.reason, r.permanent, p.cfg.MaxAttempts,
-			float64(p.cfg.RetryBase.Milliseconds()), float64(p.cfg.RetryMax.Milliseconds()))
+		args := append([]any{r.id, r.reason, r.permanent, p.cfg.MaxAttempts,
+			float64(p.cfg.RetryBase.Milliseconds()), float64(p.cfg.RetryMax.Milliseconds())}, p.fenceArgs()...)
+		res, err := tx.ExecContext(ctx, p.q.markRetry, args...)
 		if err != nil {
 			return fmt.Errorf("mark refused: %w", err)
 		}

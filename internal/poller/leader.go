@@ -12,17 +12,21 @@ import (
 	"github.com/pgnats/outbox/schema"
 )
 
-// Leadership: one active publisher per events table.
+// Leadership: one active publisher per events table, or, with partitions,
+// several that each lease a share of the entities (leases.go).
 //
 // Keys. Two advisory locks are keyed by (namespace, oid of the events
 // table), so tables of the same name in different schemas never share one:
 //
 //	leaderKey  (session lock)  held by the active publisher on a dedicated
-//	                           connection for as long as it leads.
+//	                           connection for as long as it leads (shared
+//	                           by partitioned publishers).
 //	barrierKey (xact lock)     every claim transaction takes it shared; a
 //	                           new leader takes it exclusive once, which
 //	                           waits until every claim transaction of the
-//	                           previous leader has ended.
+//	                           previous leader has ended. A new leader also
+//	                           waits out partitioned publishers' claims on
+//	                           partsBarrierKey (leases.go).
 //
 // States:
 //
@@ -57,14 +61,22 @@ type leader struct {
 	tableOID  int64
 	heartbeat time.Duration
 	timeout   time.Duration
+	// shared: a partitioned publisher, which holds the leader lock shared
+	// with its peers, and renews its leases with renew (run with renewArgs)
+	// on every heartbeat.
+	shared    bool
+	renew     string
+	renewArgs []any
 
 	db   *sql.DB   // a pool of one: the session that tries for, then holds, the lock
 	conn *sql.Conn // that session; kept open by a standby between tries
 	held bool      // conn holds the lock
 	pid  int       // backend pid holding the session lock
-	stop context.CancelFunc
-	wg   sync.WaitGroup
-	lost chan struct{} // closed by the heartbeat when the lock connection fails
+	// sleeping: this session holds the sleep lock (schema.SleepLockNamespace)
+	sleeping bool
+	stop     context.CancelFunc
+	wg       sync.WaitGroup
+	lost     chan struct{} // closed by the heartbeat when the lock connection fails
 }
 
 // tryAcquire tries once to become leader. It returns false with a nil error
@@ -79,7 +91,11 @@ func (l *leader) tryAcquire(ctx context.Context) (bool, error) {
 		ok  bool
 		pid int
 	)
-	err := l.conn.QueryRowContext(ctx, `SELECT pg_try_advisory_lock($1, $2::bigint::oid::int), pg_backend_pid()`,
+	try := "pg_try_advisory_lock"
+	if l.shared {
+		try = "pg_try_advisory_lock_shared"
+	}
+	err := l.conn.QueryRowContext(ctx, `SELECT `+try+`($1, $2::bigint::oid::int), pg_backend_pid()`,
 		leaderNamespace, l.tableOID).Scan(&ok, &pid)
 	if err != nil {
 		err = fmt.Errorf("try leader lock: %w", err)
@@ -146,13 +162,22 @@ func (l *leader) disconnect() {
 	l.db, l.conn = nil, nil
 }
 
-// barrier waits until no claim transaction of an earlier leader is open.
+// barrier waits until no claim transaction of an earlier leader is open:
+// of a single leader, and for a new single leader also of partitioned
+// publishers. (A partitioned publisher joining waits for no peer: the
+// partition barriers order them.)
 func (l *leader) barrier(ctx context.Context, db *sql.Conn) error {
-	if _, err := db.ExecContext(ctx, `SELECT pg_advisory_lock($1, $2::bigint::oid::int)`, barrierNamespace, l.tableOID); err != nil {
-		return fmt.Errorf("wait for previous leader's transactions: %w", err)
+	namespaces := []int{barrierNamespace}
+	if !l.shared {
+		namespaces = append(namespaces, partsBarrierNamespace)
 	}
-	if _, err := db.ExecContext(ctx, `SELECT pg_advisory_unlock($1, $2::bigint::oid::int)`, barrierNamespace, l.tableOID); err != nil {
-		return fmt.Errorf("release barrier: %w", err)
+	for _, ns := range namespaces {
+		if _, err := db.ExecContext(ctx, `SELECT pg_advisory_lock($1, $2::bigint::oid::int)`, ns, l.tableOID); err != nil {
+			return fmt.Errorf("wait for previous leader's transactions: %w", err)
+		}
+		if _, err := db.ExecContext(ctx, `SELECT pg_advisory_unlock($1, $2::bigint::oid::int)`, ns, l.tableOID); err != nil {
+			return fmt.Errorf("release barrier: %w", err)
+		}
 	}
 	return nil
 }
@@ -172,6 +197,9 @@ func (l *leader) beat(ctx context.Context, db *sql.Conn, lost chan struct{}) {
 		hctx, cancel := context.WithTimeout(ctx, l.timeout)
 		var pid int
 		err := db.QueryRowContext(hctx, `SELECT pg_backend_pid()`).Scan(&pid)
+		if err == nil && l.renew != "" {
+			_, err = db.ExecContext(hctx, l.renew, l.renewArgs...)
+		}
 		cancel()
 		if ctx.Err() != nil {
 			return
@@ -188,6 +216,16 @@ func (l *leader) beat(ctx context.Context, db *sql.Conn, lost chan struct{}) {
 // (blocks forever) when not leading.
 func (l *leader) lostCh() <-chan struct{} { return l.lost }
 
+// isLost reports whether the heartbeat saw the lock session fail.
+func (l *leader) isLost() bool {
+	select {
+	case <-l.lost:
+		return true
+	default:
+		return false
+	}
+}
+
 // release gives up leadership by closing the lock connection.
 func (l *leader) release() {
 	if l.held {
@@ -195,7 +233,7 @@ func (l *leader) release() {
 		l.wg.Wait()
 	}
 	l.disconnect()
-	l.held, l.pid, l.lost = false, 0, nil
+	l.held, l.pid, l.lost, l.sleeping = false, 0, nil, false
 }
 
 // leading reports whether this process currently believes it leads.
@@ -215,17 +253,35 @@ func fenceSQL(nsParam, oidParam, pidParam int) string {
 
 // trySleep takes the sleep lock on the leader's session (see the insert
 // trigger in schema/): from then on writers NOTIFY. It fails while a writer
-// that skipped its NOTIFY has not committed yet.
+// that skipped its NOTIFY has not committed yet. When another publisher's
+// session holds the lock (partitioned publishers share the table), writers
+// notify already: it reports true without taking it, and that publisher
+// notifies when it releases the lock (wake).
 func (l *leader) trySleep(ctx context.Context) (bool, error) {
-	var ok bool
-	err := l.conn.QueryRowContext(ctx, `SELECT pg_try_advisory_lock($1, $2::bigint::oid::int)`,
-		schema.SleepLockNamespace, l.tableOID).Scan(&ok)
-	return ok, err
+	var mine, other bool
+	err := l.conn.QueryRowContext(ctx, `SELECT pg_try_advisory_lock($1, $2::bigint::oid::int),
+		EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = $1::bigint::oid
+			AND objid = $2::bigint::oid AND objsubid = 2 AND mode = 'ExclusiveLock'
+			AND granted AND pid <> pg_backend_pid())`,
+		schema.SleepLockNamespace, l.tableOID).Scan(&mine, &other)
+	l.sleeping = mine
+	return mine || other, err
 }
 
-// wake releases the sleep lock: writers stop sending NOTIFY.
+// wake releases the sleep lock if this session holds it: writers stop
+// sending NOTIFY. A partitioned publisher then notifies once itself, so
+// peers that slept on its lock look again.
 func (l *leader) wake(ctx context.Context) error {
-	_, err := l.conn.ExecContext(ctx, `SELECT pg_advisory_unlock($1, $2::bigint::oid::int)`,
-		schema.SleepLockNamespace, l.tableOID)
+	if !l.sleeping {
+		return nil
+	}
+	query, args := `SELECT pg_advisory_unlock($1, $2::bigint::oid::int)`, []any{schema.SleepLockNamespace, l.tableOID}
+	if l.shared {
+		query, args = query+`, pg_notify($3, '')`, append(args, schema.Channel(l.tableOID))
+	}
+	_, err := l.conn.ExecContext(ctx, query, args...)
+	if err == nil {
+		l.sleeping = false
+	}
 	return err
 }

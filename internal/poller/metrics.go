@@ -38,8 +38,12 @@ type Metrics struct {
 	// Backoffs counts the times the loop paused because the database or
 	// the broker was unreachable or too slow.
 	Backoffs prometheus.Counter
-	// Leader is 1 while this process holds the leader lock, else 0.
+	// Leader is 1 while this process holds the leader lock (shared, with
+	// partitions), else 0.
 	Leader prometheus.Gauge
+	// PartitionsHeld is the number of partitions this process publishes
+	// (0 without partitions).
+	PartitionsHeld prometheus.Gauge
 	// NATSReconnects counts reconnections of the publisher's NATS
 	// connection (incremented by whoever owns the connection).
 	NATSReconnects prometheus.Counter
@@ -96,7 +100,9 @@ func NewMetrics() *Metrics {
 		Backoffs: counter("outbox_publish_backoffs_total",
 			"Times the publish loop paused because the database or the broker was unreachable or too slow."),
 		Leader: gauge("outbox_leader",
-			"1 while this publisher holds the leader lock of its table and publishes, 0 while it stands by."),
+			"1 while this publisher holds the leader lock of its table (shared, with --partitions) and publishes, 0 while it stands by."),
+		PartitionsHeld: gauge("outbox_partitions_held",
+			"Partitions this publisher leases and publishes; 0 without --partitions."),
 		NATSReconnects: counter("outbox_nats_reconnects_total",
 			"Reconnections of the publisher's NATS connection."),
 		DatabaseReconnects: counter("outbox_database_reconnects_total",
@@ -122,7 +128,7 @@ func NewMetrics() *Metrics {
 
 func (m *Metrics) collectors() []prometheus.Collector {
 	return []prometheus.Collector{m.Events, m.PublishLatency, m.BatchDuration, m.BatchSize, m.Backoffs,
-		m.Leader, m.NATSReconnects, m.DatabaseReconnects, m.ReadyEvents, m.RetryingEvents,
+		m.Leader, m.PartitionsHeld, m.NATSReconnects, m.DatabaseReconnects, m.ReadyEvents, m.RetryingEvents,
 		m.OldestReadyAge, m.FailedEvents, m.BlockedEntities, m.BacklogRefreshed}
 }
 
@@ -165,6 +171,12 @@ func (m *Metrics) batch(claimed, acked int, start time.Time) {
 func (m *Metrics) backoff() {
 	if m != nil {
 		m.Backoffs.Inc()
+	}
+}
+
+func (m *Metrics) partitionsHeld(n int) {
+	if m != nil {
+		m.PartitionsHeld.Set(float64(n))
 	}
 }
 

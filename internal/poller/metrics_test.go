@@ -125,6 +125,7 @@ func TestMetricsNames(t *testing.T) {
 		"outbox_batch_size_events",
 		"outbox_publish_backoffs_total",
 		"outbox_leader",
+		"outbox_partitions_held",
 		"outbox_nats_reconnects_total",
 		"outbox_database_reconnects_total",
 		"outbox_ready_events",

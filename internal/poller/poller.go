@@ -100,6 +100,15 @@ type Config struct {
 	// LeaderTimeout is how soon a hung leader loses its lock
 	// (idle_session_timeout of its lock connection). Default 5s.
 	LeaderTimeout time.Duration
+	// Partitions, when positive, runs this publisher as one of several
+	// active ones: entities hash into Partitions partitions, and each
+	// publisher leases a share of them (leases.go). Every publisher of the
+	// table must use the same count. Zero: a single leader publishes
+	// everything while the others stand by. At most MaxPartitions.
+	Partitions int
+	// ReplicaID names this publisher in the lease tables. Default: host
+	// name, process id and a random suffix. Must be unique among replicas.
+	ReplicaID string
 	// Logger receives the loop's logs. Default: discard.
 	Logger *slog.Logger
 	// Metrics receives the loop's counters and histograms. Default: nil,
@@ -125,6 +134,9 @@ func (c Config) withDefaults() Config {
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
+	if c.Partitions > 0 && c.ReplicaID == "" {
+		c.ReplicaID = defaultReplicaID()
+	}
 	return c
 }
 
@@ -141,6 +153,8 @@ func (c Config) validate() error {
 	case c.BatchSize < 0, c.PollInterval < 0, c.AckTimeout < 0, c.MaxAttempts < 0,
 		c.RetryBase < 0, c.RetryMax < 0, c.BackoffMin < 0, c.BackoffMax < 0, c.LeaderTimeout < 0:
 		return errors.New("poller: sizes and durations must not be negative")
+	case c.Partitions < 0 || c.Partitions > MaxPartitions:
+		return fmt.Errorf("poller: partitions must be between 0 (single leader) and %d", MaxPartitions)
 	}
 	if _, err := schema.ParseName(cmp.Or(c.Table, schema.DefaultEvents)); err != nil {
 		return fmt.Errorf("poller: %w", err)
@@ -155,7 +169,12 @@ type Stats struct {
 	Failed    int64 // events moved to FAILED
 	Batches   int64 // batches committed
 	Backoffs  int64 // times the loop backed off for an outage
-	Leader    bool  // whether this process leads now
+	// Leader: this process leads now; with partitions, it takes part
+	// (holds the leader lock shared).
+	Leader bool
+	// Partitions is the number of partitions this process publishes now
+	// (always 0 without partitions).
+	Partitions int
 }
 
 // Poller is the publish loop of one events table. Run it once.
@@ -167,6 +186,7 @@ type Poller struct {
 	tableOID int64
 	q        queries
 	lead     leader
+	parts    *partitions // nil: single-leader mode
 	streams  *streamCache
 	log      *slog.Logger
 	standby  bool                 // standby already logged
@@ -174,8 +194,8 @@ type Poller struct {
 	inflight *batch               // sent, not yet finished; see step
 	busy     bool                 // the last claim found rows
 
-	published, refused, failed, batches, backoffs atomic.Int64
-	leading                                       atomic.Bool
+	published, refused, failed, batches, backoffs, heldCount atomic.Int64
+	leading                                                  atomic.Bool
 }
 
 // New checks cfg and returns a Poller. It does not connect; Run does.
@@ -191,17 +211,25 @@ func New(cfg Config) (*Poller, error) {
 	if err != nil {
 		return nil, fmt.Errorf("poller: jetstream: %w", err)
 	}
-	return &Poller{
+	p := &Poller{
 		cfg:     cfg,
 		db:      cfg.DB,
 		js:      js,
 		table:   table,
-		q:       newQueries(table.Quoted()),
+		q:       newQueries(table.Quoted(), table.Leases().Quoted(), cfg.Partitions),
 		lead:    leader{dsn: cfg.DSN, heartbeat: cfg.LeaderTimeout / 5, timeout: cfg.LeaderTimeout},
 		streams: newStreamCache(js),
 		stmts:   map[string]*sql.Stmt{},
 		log:     cfg.Logger,
-	}, nil
+	}
+	if cfg.Partitions > 0 {
+		p.parts = &partitions{count: cfg.Partitions, id: cfg.ReplicaID,
+			leases: table.Leases().Quoted(), replicas: table.Replicas().Quoted()}
+		p.lead.shared = true
+		p.lead.renew = p.parts.renewSQL()
+		p.lead.renewArgs = []any{cfg.ReplicaID, p.leaseTTL().Milliseconds()}
+	}
+	return p, nil
 }
 
 // Stats returns the running totals. Safe to call from any goroutine.
@@ -209,8 +237,12 @@ func (p *Poller) Stats() Stats {
 	return Stats{
 		Published: p.published.Load(), Refused: p.refused.Load(), Failed: p.failed.Load(),
 		Batches: p.batches.Load(), Backoffs: p.backoffs.Load(), Leader: p.leading.Load(),
+		Partitions: int(p.heldCount.Load()),
 	}
 }
+
+// Partitioned reports whether this publisher runs with partition leases.
+func (p *Poller) Partitioned() bool { return p.parts != nil }
 
 // idleInTx bounds how long a claim transaction may sit idle: longer than a
 // batch can legitimately wait for acks, short enough that a frozen
@@ -257,8 +289,16 @@ func (p *Poller) Run(ctx context.Context) error {
 			}
 			lastWork = time.Now()
 		}
-		n, err := p.step(ctx)
+		n, err := 0, p.rebalanceIfDue(ctx)
+		if err == nil {
+			n, err = p.step(ctx)
+		}
 		switch {
+		case errors.Is(err, errLostLeadership) && p.parts != nil && !p.lead.isLost():
+			// A lease, not the lock session: take stock at once.
+			p.log.Warn("a partition lease was lost; rebalancing", "err", err)
+			p.parts.next = time.Time{}
+			continue
 		case errors.Is(err, errLostLeadership):
 			p.log.Warn("leadership lost; standing by", "err", err)
 			p.stepDown()
@@ -285,7 +325,7 @@ func (p *Poller) Run(ctx context.Context) error {
 			// The last look, under the sleep lock, is done: sleep unless it
 			// found work, then stop the writers' NOTIFYs.
 			if n == 0 {
-				p.sleep(ctx, p.cfg.PollInterval, wake)
+				p.sleep(ctx, p.idlePoll(), wake)
 			}
 			sleeping = !p.wakeUp(ctx)
 		case n >= p.cfg.BatchSize, p.inflight != nil:
@@ -294,7 +334,7 @@ func (p *Poller) Run(ctx context.Context) error {
 		case time.Since(lastWork) < idleAfter:
 			p.sleep(ctx, activePoll, wake)
 		case p.cfg.NoListen:
-			p.sleep(ctx, p.cfg.PollInterval, nil)
+			p.sleep(ctx, p.idlePoll(), nil)
 		default:
 			ok, err := p.lead.trySleep(ctx)
 			if err != nil {
@@ -312,6 +352,23 @@ func (p *Poller) Run(ctx context.Context) error {
 	}
 	p.log.Info("publisher stopped", "published", p.published.Load())
 	return nil
+}
+
+// rebalanceIfDue runs a lease round when one is due (partitioned mode).
+func (p *Poller) rebalanceIfDue(ctx context.Context) error {
+	if p.parts == nil || time.Now().Before(p.parts.next) {
+		return nil
+	}
+	return p.rebalance(ctx)
+}
+
+// idlePoll is how long an idle publisher waits for a NOTIFY: the poll
+// interval, but no later than its next lease round.
+func (p *Poller) idlePoll() time.Duration {
+	if p.parts == nil {
+		return p.cfg.PollInterval
+	}
+	return min(p.cfg.PollInterval, max(time.Until(p.parts.next), activePoll))
 }
 
 // wakeUp releases the sleep lock and reports whether it did.
@@ -358,7 +415,11 @@ func (p *Poller) elect(ctx context.Context, bo *backoff) bool {
 		return false
 	case !ok:
 		if !p.standby {
-			p.log.Info("standing by: another publisher leads", "table", p.table.String())
+			msg := "standing by: another publisher leads"
+			if p.parts != nil {
+				msg = "standing by: a publisher without --partitions leads"
+			}
+			p.log.Info(msg, "table", p.table.String())
 			p.standby = true
 		}
 		p.sleep(ctx, min(p.cfg.PollInterval, p.cfg.LeaderTimeout/5), nil)
@@ -368,11 +429,21 @@ func (p *Poller) elect(ctx context.Context, bo *backoff) bool {
 	p.leading.Store(true)
 	p.cfg.Metrics.leading(true)
 	p.standby = false
+	if p.parts != nil {
+		p.parts.next = time.Time{} // take a share at once
+		p.log.Info("joined as a partitioned publisher", "table", p.table.String(),
+			"partitions", p.parts.count, "replica_id", p.parts.id, "pid", p.lead.pid)
+		return true
+	}
 	p.log.Info("leader elected", "table", p.table.String(), "pid", p.lead.pid)
 	return true
 }
 
+// stepDown gives up leadership, and in partitioned mode every lease.
 func (p *Poller) stepDown() {
+	if p.parts != nil && p.lead.leading() {
+		p.leave(context.Background())
+	}
 	p.lead.release()
 	p.leading.Store(false)
 	p.cfg.Metrics.leading(false)

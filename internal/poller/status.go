@@ -23,6 +23,17 @@ type Status struct {
 	BlockedTotal   int             `json:"blocked_entities_total"`
 	RecentFailed   []FailedEvent   `json:"recent_failed"`
 	Leader         *LeaderInfo     `json:"leader,omitempty"`
+	// Replicas are the publishers run with --partitions that were seen
+	// within their lease time, with the partitions each holds.
+	Replicas []ReplicaInfo `json:"replicas,omitempty"`
+}
+
+// ReplicaInfo is one partitioned publisher.
+type ReplicaInfo struct {
+	ID         string    `json:"replica_id"`
+	Partitions int       `json:"partitions"` // the count it hashes with
+	Held       []int64   `json:"held"`       // partitions it holds an unexpired lease on
+	SeenAt     time.Time `json:"seen_at"`
 }
 
 // BlockedEntity is an entity whose oldest unpublished event is FAILED or
@@ -143,7 +154,8 @@ func ReadStatus(ctx context.Context, db *sql.DB, table string, limit int) (*Stat
 	err = db.QueryRowContext(ctx, `SELECT l.pid, host(a.client_addr), a.backend_start
 		FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
 		WHERE l.locktype = 'advisory' AND l.classid = $1::bigint::oid
-		  AND l.objid = to_regclass($2)::oid AND l.objsubid = 2 AND l.granted`,
+		  AND l.objid = to_regclass($2)::oid AND l.objsubid = 2 AND l.granted
+		  AND l.mode = 'ExclusiveLock'`,
 		leaderNamespace, t).Scan(&li.PID, &addr, &li.BackendSince)
 	switch {
 	case errors.Is(err, sql.ErrNoRows):
@@ -153,7 +165,37 @@ func ReadStatus(ctx context.Context, db *sql.DB, table string, limit int) (*Stat
 		li.ClientAddr = addr.String
 		st.Leader = &li
 	}
+	if st.Replicas, err = readReplicas(ctx, db, name); err != nil {
+		return nil, err
+	}
 	return st, nil
+}
+
+// readReplicas lists the live partitioned publishers of the events table
+// name (none before migration 0002).
+func readReplicas(ctx context.Context, db *sql.DB, name schema.Name) ([]ReplicaInfo, error) {
+	var exists bool
+	if err := db.QueryRowContext(ctx, `SELECT to_regclass($1) IS NOT NULL`, name.Replicas().Quoted()).Scan(&exists); err != nil || !exists {
+		return nil, err
+	}
+	rows, err := db.QueryContext(ctx, `SELECT r.replica_id, r.partitions, r.seen_at,
+			coalesce(array_agg(l.part ORDER BY l.part) FILTER (WHERE l.expires_at > now()), '{}')
+		FROM `+name.Replicas().Quoted()+` r LEFT JOIN `+name.Leases().Quoted()+` l ON l.owner = r.replica_id
+		WHERE r.seen_at > now() - interval '1 minute'
+		GROUP BY 1, 2, 3 ORDER BY 1`)
+	if err != nil {
+		return nil, fmt.Errorf("read replicas: %w", err)
+	}
+	defer rows.Close()
+	var out []ReplicaInfo
+	for rows.Next() {
+		var r ReplicaInfo
+		if err := rows.Scan(&r.ID, &r.Partitions, &r.SeenAt, (*pq.Int64Array)(&r.Held)); err != nil {
+			return nil, err
+		}
+		out = append(out, r)
+	}
+	return out, rows.Err()
 }
 
 // RequeueFilter selects FAILED events to put back to READY. At most one of

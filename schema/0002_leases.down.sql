@@ -1,0 +1,2 @@
+DROP TABLE IF EXISTS {{.Leases}};
+DROP TABLE IF EXISTS {{.Replicas}};
