@@ -64,19 +64,25 @@ type leader struct {
 	// shared: a partitioned publisher, which holds the leader lock shared
 	// with its peers, and renews its leases with renew (run with renewArgs)
 	// on every heartbeat.
-	shared    bool
-	renew     string
-	renewArgs []any
+	shared      bool
+	renew       string
+	renewArgs   []any
+	renewFailed func(error) // called from the heartbeat goroutine
 
 	db   *sql.DB   // a pool of one: the session that tries for, then holds, the lock
 	conn *sql.Conn // that session; kept open by a standby between tries
-	held bool      // conn holds the lock
-	pid  int       // backend pid holding the session lock
+	// connMu serialises the heartbeat and the loop (sleep lock) on conn: a
+	// *sql.Conn used from two goroutines at once mixes up their protocol
+	// messages.
+	connMu sync.Mutex
+	held   bool // conn holds the lock
+	pid    int  // backend pid holding the session lock
 	// sleeping: this session holds the sleep lock (schema.SleepLockNamespace)
 	sleeping bool
 	stop     context.CancelFunc
 	wg       sync.WaitGroup
 	lost     chan struct{} // closed by the heartbeat when the lock connection fails
+	lostErr  error         // why; read after lost is closed
 }
 
 // tryAcquire tries once to become leader. It returns false with a nil error
@@ -194,18 +200,29 @@ func (l *leader) beat(ctx context.Context, db *sql.Conn, lost chan struct{}) {
 			return
 		case <-t.C:
 		}
+		l.connMu.Lock()
 		hctx, cancel := context.WithTimeout(ctx, l.timeout)
 		var pid int
 		err := db.QueryRowContext(hctx, `SELECT pg_backend_pid()`).Scan(&pid)
 		if err == nil && l.renew != "" {
-			_, err = db.ExecContext(hctx, l.renew, l.renewArgs...)
+			// A failed renewal (a lock timeout, say) is not a lost session:
+			// the leases may lapse, which the fences and the next lease
+			// round handle. The pid check above catches a dead session.
+			if _, rerr := db.ExecContext(hctx, l.renew, l.renewArgs...); rerr != nil && l.renewFailed != nil {
+				l.renewFailed(rerr)
+			}
 		}
 		cancel()
+		l.connMu.Unlock()
 		if ctx.Err() != nil {
 			return
 		}
 		if err != nil || pid != l.pid {
 			// The session, and with it the lock, is gone (or about to be).
+			if err == nil {
+				err = fmt.Errorf("backend pid changed from %d to %d", l.pid, pid)
+			}
+			l.lostErr = err
 			close(lost)
 			return
 		}
@@ -259,6 +276,8 @@ func fenceSQL(nsParam, oidParam, pidParam int) string {
 // notifies when it releases the lock (wake).
 func (l *leader) trySleep(ctx context.Context) (bool, error) {
 	var mine, other bool
+	l.connMu.Lock()
+	defer l.connMu.Unlock()
 	err := l.conn.QueryRowContext(ctx, `SELECT pg_try_advisory_lock($1, $2::bigint::oid::int),
 		EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = $1::bigint::oid
 			AND objid = $2::bigint::oid AND objsubid = 2 AND mode = 'ExclusiveLock'
@@ -279,7 +298,9 @@ func (l *leader) wake(ctx context.Context) error {
 	if l.shared {
 		query, args = query+`, pg_notify($3, '')`, append(args, schema.Channel(l.tableOID))
 	}
+	l.connMu.Lock()
 	_, err := l.conn.ExecContext(ctx, query, args...)
+	l.connMu.Unlock()
 	if err == nil {
 		l.sleeping = false
 	}

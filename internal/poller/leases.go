@@ -120,11 +120,17 @@ func defaultReplicaID() string {
 func (p *Poller) leaseTTL() time.Duration { return p.cfg.LeaderTimeout }
 
 // renewSQL renews this publisher's replica row and unexpired leases; the
-// heartbeat runs it with (replica id, lease time in ms).
+// heartbeat runs it with (replica id, lease time in ms). It never waits for
+// a row lock, so it cannot deadlock with a lease round (which locks rows in
+// its own order): a row that is locked now is renewed at the next beat.
 func (pt *partitions) renewSQL() string {
-	return `WITH seen AS (UPDATE ` + pt.replicas + ` SET seen_at = now() WHERE replica_id = $1)
+	return `WITH seen AS (
+			UPDATE ` + pt.replicas + ` SET seen_at = now()
+			WHERE replica_id IN (SELECT replica_id FROM ` + pt.replicas + `
+				WHERE replica_id = $1 FOR UPDATE SKIP LOCKED))
 		UPDATE ` + pt.leases + ` SET expires_at = now() + $2 * interval '1 millisecond'
-		WHERE owner = $1 AND expires_at > now()`
+		WHERE part IN (SELECT part FROM ` + pt.leases + `
+			WHERE owner = $1 AND expires_at > now() FOR UPDATE SKIP LOCKED)`
 }
 
 // share is the partitions of the replica at index i of n.
@@ -193,13 +199,21 @@ func (p *Poller) rebalance(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("rebalance: read leases: %w", err)
 	}
-	taken, err := column[int](ctx, tx, `INSERT INTO `+pt.leases+` AS l (part, partitions, owner, expires_at)
+	// Take free and expired leases of the share. Neither statement locks a
+	// row another replica's heartbeat may be renewing: the UPDATE matches
+	// expired rows only, which renewal never touches, and DO NOTHING takes
+	// no row lock.
+	taken, err := column[int](ctx, tx, `WITH expired AS (
+			UPDATE `+pt.leases+` SET partitions = $2, owner = $3,
+				expires_at = now() + $4 * interval '1 millisecond', acquired_at = now()
+			WHERE part = ANY($1::int[]) AND expires_at <= now()
+			RETURNING part),
+		free AS (
+			INSERT INTO `+pt.leases+` (part, partitions, owner, expires_at)
 			SELECT k, $2, $3, now() + $4 * interval '1 millisecond' FROM unnest($1::int[]) k
-			ON CONFLICT (part) DO UPDATE
-			SET partitions = excluded.partitions, owner = excluded.owner,
-			    expires_at = excluded.expires_at, acquired_at = now()
-			WHERE l.expires_at <= now()
-			RETURNING part`, pq.Array(want), pt.count, pt.id, ttl)
+			ON CONFLICT (part) DO NOTHING
+			RETURNING part)
+		SELECT part FROM expired UNION ALL SELECT part FROM free`, pq.Array(want), pt.count, pt.id, ttl)
 	if err != nil {
 		return fmt.Errorf("rebalance: take leases: %w", err)
 	}

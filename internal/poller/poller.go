@@ -228,6 +228,7 @@ func New(cfg Config) (*Poller, error) {
 		p.lead.shared = true
 		p.lead.renew = p.parts.renewSQL()
 		p.lead.renewArgs = []any{cfg.ReplicaID, p.leaseTTL().Milliseconds()}
+		p.lead.renewFailed = func(err error) { p.log.Warn("renew leases", "err", err) }
 	}
 	return p, nil
 }

@@ -61,7 +61,7 @@ func (p *Poller) step(ctx context.Context) (int, error) {
 	)
 	select {
 	case <-p.lead.lostCh():
-		err = errLostLeadership
+		err = fmt.Errorf("heartbeat on the lock session: %w: %w", p.lead.lostErr, errLostLeadership)
 	default:
 		if prev == nil || prev.outage == nil {
 			var skip map[string]bool
