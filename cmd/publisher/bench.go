@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/pgnats/outbox/internal/bench"
+	"github.com/pgnats/outbox/internal/poller"
 )
 
 func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -21,6 +22,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		o              common
 		natsOpts       natsOptions
 		rates          string
+		replicas       string
 		asJSON, noIdle bool
 		sweep          bool
 		plotFile       string
@@ -43,6 +45,8 @@ Takes about a minute with the defaults.`)
 	c.String(&rates, "rates", "2000", "comma-separated offered rates (events/s) for the latency runs")
 	c.Duration(&cfg.Duration, "duration", 20*time.Second, "length of each latency run")
 	c.Int(&cfg.Writers, "writers", 4, "concurrent writers in the writer-throughput runs")
+	c.String(&replicas, "replicas", "", "also drain the backlog with each of these numbers of publishers run with --partitions, e.g. 1,2,3 (in this process, each on its own NATS connection)")
+	c.Int(&cfg.Partitions, "partitions", 12, "with --replicas: the partition count")
 	c.Bool(&noIdle, "no-idle", false, "skip the idle CPU and memory measurement")
 	c.Bool(&sweep, "sweep", false, "also sweep latency over 500..20000 events/s and drain over batch sizes 50..2000")
 	c.Duration(&cfg.SweepDuration, "sweep-duration", 5*time.Second, "with --sweep: length of each latency run")
@@ -52,18 +56,23 @@ Takes about a minute with the defaults.`)
 	if err := c.parse(args, stdout); err != nil {
 		return err
 	}
-	if err := natsOpts.check("bench"); err != nil {
+	err := natsOpts.check("bench")
+	if err != nil {
 		return err
 	}
 	if cfg.Events < 1 || cfg.Payload < 2 || cfg.Entities < 1 || cfg.BatchSize < 1 || cfg.Writers < 1 || cfg.Duration <= 0 {
 		return usagef("bench: --events, --entities, --batch-size and --writers must be at least 1, --payload at least 2, --duration positive")
 	}
-	for _, r := range strings.Split(rates, ",") {
-		n, err := strconv.Atoi(strings.TrimSpace(r))
-		if err != nil || n < 1 {
-			return usagef("bench: --rates %q: use positive integers separated by commas", rates)
+	if cfg.Rates, err = positiveInts("rates", rates); err != nil {
+		return err
+	}
+	if replicas != "" {
+		if cfg.Replicas, err = positiveInts("replicas", replicas); err != nil {
+			return err
 		}
-		cfg.Rates = append(cfg.Rates, n)
+	}
+	if cfg.Partitions < 1 || cfg.Partitions > poller.MaxPartitions {
+		return usagef("bench: --partitions must be between 1 and %d", poller.MaxPartitions)
 	}
 	if plotFile != "" && !sweep {
 		return usagef("bench: --plot needs --sweep")
@@ -115,6 +124,19 @@ Takes about a minute with the defaults.`)
 	return nil
 }
 
+// positiveInts parses a comma-separated list of positive integers.
+func positiveInts(flagName, list string) ([]int, error) {
+	var out []int
+	for _, r := range strings.Split(list, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(r))
+		if err != nil || n < 1 {
+			return nil, usagef("bench: --%s %q: use positive integers separated by commas", flagName, list)
+		}
+		out = append(out, n)
+	}
+	return out, nil
+}
+
 func writePlot(path string, s *bench.Sweep) error {
 	f, err := os.Create(path)
 	if err != nil {
@@ -138,6 +160,9 @@ func printBench(w io.Writer, r *bench.Result) {
 	fmt.Fprintf(tw, "NATS limit (async publish)\t%.0f\tevents/s\t\n", r.NATSLimit)
 	fmt.Fprintf(tw, "publisher drain\t%.0f\tevents/s\t\n", r.Drain)
 	fmt.Fprintf(tw, "drain ratio\t%.2f\t\t\n", r.DrainRatio)
+	for _, d := range r.Replicas {
+		fmt.Fprintf(tw, "drain, replicas=%d partitions=%d\t%.0f\tevents/s\t\n", d.Replicas, d.Partitions, d.EventsPerSec)
+	}
 	fmt.Fprintf(tw, "writer, NOTIFY on\t%.0f\tevents/s\t\n", r.Write.NotifyOn)
 	fmt.Fprintf(tw, "writer, NOTIFY off\t%.0f\tevents/s\t\n", r.Write.NotifyOff)
 	if r.IdleCPU != nil {

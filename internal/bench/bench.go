@@ -55,6 +55,10 @@ type Config struct {
 	SweepRates    []int
 	SweepBatches  []int
 	SweepDuration time.Duration // [5s]
+	// Replicas, when set, adds a drain with each of these numbers of
+	// publishers run with Partitions partitions [12].
+	Replicas   []int
+	Partitions int
 	// PublisherBin is the publisher binary whose idle cost is measured.
 	// Empty skips that measurement.
 	PublisherBin string
@@ -76,6 +80,7 @@ func (c Config) withDefaults() Config {
 	c.Writers = cmp.Or(c.Writers, 4)
 	c.IdleFor = cmp.Or(c.IdleFor, 10*time.Second)
 	c.SweepDuration = cmp.Or(c.SweepDuration, 5*time.Second)
+	c.Partitions = cmp.Or(c.Partitions, 12)
 	if c.Progress == nil {
 		c.Progress = io.Discard
 	}
@@ -100,6 +105,7 @@ type Result struct {
 	NATSLimit     float64            `json:"nats_limit_events_per_sec"`
 	Drain         float64            `json:"drain_events_per_sec"`
 	DrainRatio    float64            `json:"drain_ratio"`
+	Replicas      []ReplicaDrain     `json:"replicas_drain,omitempty"`
 	Latency       Latency            `json:"latency_ms"`
 	LatencyByRate map[string]Latency `json:"latency_by_rate,omitempty"`
 	Write         struct {
@@ -128,6 +134,13 @@ type Sweep struct {
 // DrainPoint is the drain throughput at one batch size.
 type DrainPoint struct {
 	BatchSize    int     `json:"batch_size"`
+	EventsPerSec float64 `json:"events_per_sec"`
+}
+
+// ReplicaDrain is the drain throughput of several partitioned publishers.
+type ReplicaDrain struct {
+	Replicas     int     `json:"replicas"`
+	Partitions   int     `json:"partitions"`
 	EventsPerSec float64 `json:"events_per_sec"`
 }
 
@@ -169,16 +182,23 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	res.Settings.Entities, res.Settings.BatchSize = cfg.Entities, cfg.BatchSize
 	res.Machine = e.machine(ctx)
 
-	if res.DBLimit, err = e.drain(ctx, true, cfg.BatchSize); err != nil {
+	if res.DBLimit, err = e.drain(ctx, drainRun{batch: cfg.BatchSize, skipPublish: true}); err != nil {
 		return nil, fmt.Errorf("database limit: %w", err)
 	}
 	if res.NATSLimit, err = e.natsLimit(ctx); err != nil {
 		return nil, fmt.Errorf("NATS limit: %w", err)
 	}
-	if res.Drain, err = e.drain(ctx, false, cfg.BatchSize); err != nil {
+	if res.Drain, err = e.drain(ctx, drainRun{batch: cfg.BatchSize}); err != nil {
 		return nil, fmt.Errorf("drain: %w", err)
 	}
 	res.DrainRatio = res.Drain / min(res.DBLimit, res.NATSLimit)
+	for _, n := range cfg.Replicas {
+		eps, err := e.drain(ctx, drainRun{batch: cfg.BatchSize, replicas: n, partitions: cfg.Partitions})
+		if err != nil {
+			return nil, fmt.Errorf("drain with %d replicas: %w", n, err)
+		}
+		res.Replicas = append(res.Replicas, ReplicaDrain{Replicas: n, Partitions: cfg.Partitions, EventsPerSec: eps})
+	}
 	for i, rate := range cfg.Rates {
 		l, err := e.latency(ctx, rate, cfg.Duration)
 		if err != nil {
@@ -205,7 +225,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 			res.Sweep.Latency = append(res.Sweep.Latency, l)
 		}
 		for _, b := range cfg.SweepBatches {
-			eps, err := e.drain(ctx, false, b)
+			eps, err := e.drain(ctx, drainRun{batch: b})
 			if err != nil {
 				return nil, fmt.Errorf("sweep drain at batch %d: %w", b, err)
 			}

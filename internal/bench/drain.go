@@ -6,41 +6,91 @@ import (
 	"sync"
 	"time"
 
+	"github.com/nats-io/nats.go"
+
 	"github.com/pgnats/outbox/internal/poller"
 )
 
-// drain pre-writes the backlog and measures how fast a publisher empties
-// it: with skipPublish, claim and mark alone (the database's ceiling);
-// without, the real loop.
-func (e *env) drain(ctx context.Context, skipPublish bool, batch int) (float64, error) {
+// drainRun is one drain measurement.
+type drainRun struct {
+	batch int
+	// skipPublish: claim and mark only (the database's ceiling).
+	skipPublish bool
+	// replicas > 0: that many publishers with partitions, each on its own
+	// NATS connection; 0: one single-leader publisher.
+	replicas, partitions int
+}
+
+// drain pre-writes the backlog and measures how fast the publishers of r
+// empty it.
+//
+// Partitioned replicas start with every partition leased to a placeholder
+// owner, so none publishes until all have registered; the clock starts when
+// the placeholder leases are deleted, and each replica then takes its share
+// at its next round (within LeaderTimeout/5 = 200 ms here), so the figure
+// includes a hand-over but not the joining.
+func (e *env) drain(ctx context.Context, r drainRun) (float64, error) {
 	if err := e.reset(ctx); err != nil {
 		return 0, err
 	}
 	if err := e.prewrite(ctx, e.cfg.Events, e.prefix+".drain"); err != nil {
 		return 0, err
 	}
-	p, err := poller.New(poller.Config{
-		DB: e.db.DB, DSN: e.dsn, NATS: e.nc, BatchSize: batch, SkipPublish: skipPublish,
-	})
-	if err != nil {
-		return 0, err
-	}
-	name := fmt.Sprintf("drain, batch %d", batch)
-	if skipPublish {
-		name = "claim+mark only"
+	const placeholder = "bench-placeholder"
+	if r.replicas > 0 {
+		if _, err := e.db.ExecContext(ctx, `INSERT INTO events_leases (part, partitions, owner, expires_at)
+			SELECT k, $1, $2, now() + interval '1 hour' FROM generate_series(0, $1 - 1) k`, r.partitions, placeholder); err != nil {
+			return 0, fmt.Errorf("hold the leases: %w", err)
+		}
 	}
 	rctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
-	wg.Add(1)
-	start := time.Now()
-	go func() {
-		defer wg.Done()
-		_ = p.Run(rctx)
-	}()
 	defer func() { cancel(); wg.Wait() }()
+	var ps []*poller.Poller
+	for i := range max(r.replicas, 1) {
+		cfg := poller.Config{DB: e.db.DB, DSN: e.dsn, NATS: e.nc, BatchSize: r.batch, SkipPublish: r.skipPublish}
+		if r.replicas > 0 {
+			nc, err := nats.Connect(e.cfg.NATSURL, append([]nats.Option{nats.ReconnectBufSize(-1)}, e.cfg.NATSOptions...)...)
+			if err != nil {
+				return 0, err
+			}
+			defer nc.Close()
+			cfg.NATS, cfg.Partitions, cfg.ReplicaID = nc, r.partitions, fmt.Sprintf("bench-%d", i+1)
+			cfg.LeaderTimeout = time.Second
+		}
+		p, err := poller.New(cfg)
+		if err != nil {
+			return 0, err
+		}
+		ps = append(ps, p)
+		wg.Go(func() { _ = p.Run(rctx) })
+	}
+	if r.replicas > 0 {
+		if err := waitFor(ctx, 30*time.Second, func() (bool, error) {
+			var n int
+			err := e.db.GetContext(ctx, &n, `SELECT count(*) FROM events_replicas`)
+			return n >= r.replicas, err
+		}); err != nil {
+			return 0, fmt.Errorf("replicas registering: %w", err)
+		}
+		if _, err := e.db.ExecContext(ctx, `DELETE FROM events_leases WHERE owner = $1`, placeholder); err != nil {
+			return 0, err
+		}
+	}
+	start := time.Now()
+	name := fmt.Sprintf("drain, batch %d", r.batch)
+	switch {
+	case r.skipPublish:
+		name = "claim+mark only"
+	case r.replicas > 0:
+		name = fmt.Sprintf("drain, replicas=%d", r.replicas)
+	}
 	e.prog.start(name, e.cfg.Events)
-	err = waitFor(ctx, 10*time.Minute, func() (bool, error) {
-		n := int(p.Stats().Published)
+	err := waitFor(ctx, 10*time.Minute, func() (bool, error) {
+		n := 0
+		for _, p := range ps {
+			n += int(p.Stats().Published)
+		}
 		e.prog.set(n)
 		return n >= e.cfg.Events, nil
 	})
