@@ -40,6 +40,7 @@ import (
 // A partition, as one publisher sees it:
 //
 //	free     --lease row inserted, or an expired row taken-->   pending
+//	free     --an unexpired row already names this id-->        pending
 //	pending  --pg_try_advisory_xact_lock(partitionKey(p))-->    held
 //	held, pending --outside this publisher's share-->           free (row deleted,
 //	                                                            after the batch in flight is marked)
@@ -223,7 +224,12 @@ func (p *Poller) rebalance(ctx context.Context) error {
 
 	inValid := func(k int) bool { return !slices.Contains(valid, k) }
 	held := slices.DeleteFunc(slices.Clone(pt.held), inValid)
-	pending := append(slices.DeleteFunc(slices.Clone(pt.pending), inValid), taken...)
+	// Every valid lease not held goes through the barrier, not only those
+	// pending here: a lease this replica id took in an earlier life (a
+	// process restarted under the same id before its leases expired, or a
+	// round that failed after its commit) is renewed by the heartbeat and
+	// would otherwise never be claimed from.
+	pending := append(slices.DeleteFunc(slices.Clone(valid), func(k int) bool { return slices.Contains(held, k) }), taken...)
 	var passed []int
 	if len(pending) > 0 {
 		// A statement outside a transaction: each lock taken is released

@@ -184,3 +184,25 @@ func TestPartitionModesExclude(t *testing.T) {
 		"the 8-partition replica publishes")
 	requireOnceInOrder(t, b.received(t), total)
 }
+
+// A publisher restarted under the same replica id before its leases expired
+// (a crashed process whose service manager starts it again) claims from
+// them: it finds rows naming it that it did not take in this life, passes
+// their barriers, and publishes. Before, its heartbeat renewed them for
+// ever while it claimed from none, and nobody else could take them.
+func TestLeasesOfAnEarlierLifeAreClaimed(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	const count = 4
+	b.db.MustExec(`INSERT INTO events_replicas (replica_id, partitions) VALUES ('r1', $1)`, count)
+	b.db.MustExec(`INSERT INTO events_leases (part, partitions, owner, expires_at)
+		SELECT k, $1, 'r1', now() + interval '1 minute' FROM generate_series(0, $1 - 1) k`, count)
+	r := b.replica(t, partitioned(count, "r1"))
+	requireShares(t, b, []replica{r}, count)
+
+	events := changes(b.prefix+".order.changed", 20, 3)
+	b.write(t, events...)
+	testenv.Eventually(t, 20*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == len(events) },
+		"all events SUCCESS")
+	requireOnceInOrder(t, b.received(t), len(events))
+}

@@ -196,6 +196,9 @@ type Poller struct {
 
 	published, refused, failed, batches, backoffs, heldCount atomic.Int64
 	leading                                                  atomic.Bool
+	// lockPID is the lock session's backend pid while leading: a NOTIFY
+	// it sent (wake, partitioned mode) is not news to this publisher.
+	lockPID atomic.Int64
 }
 
 // New checks cfg and returns a Poller. It does not connect; Run does.
@@ -267,7 +270,7 @@ func (p *Poller) Run(ctx context.Context) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			forward(ctx, l.Notify, wake)
+			forward(ctx, l.Notify, wake, &p.lockPID)
 		}()
 		defer func() {
 			l.Close()
@@ -428,6 +431,7 @@ func (p *Poller) elect(ctx context.Context, bo *backoff) bool {
 	}
 	bo.reset()
 	p.leading.Store(true)
+	p.lockPID.Store(int64(p.lead.pid))
 	p.cfg.Metrics.leading(true)
 	p.standby = false
 	if p.parts != nil {
@@ -447,6 +451,7 @@ func (p *Poller) stepDown() {
 	}
 	p.lead.release()
 	p.leading.Store(false)
+	p.lockPID.Store(0)
 	p.cfg.Metrics.leading(false)
 }
 
@@ -473,15 +478,20 @@ func (p *Poller) listenerEvent(ev pq.ListenerEventType, err error) {
 }
 
 // forward turns notifications (nil on reconnect: something may have been
-// missed) into non-blocking wake-ups.
-func forward(ctx context.Context, in <-chan *pq.Notification, wake chan<- struct{}) {
+// missed) into non-blocking wake-ups, except those sent by the backend self
+// holds (this publisher's own, sent as it leaves its sleep: waking on them
+// would make an idle partitioned publisher spin).
+func forward(ctx context.Context, in <-chan *pq.Notification, wake chan<- struct{}, self *atomic.Int64) {
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case _, ok := <-in:
+		case n, ok := <-in:
 			if !ok {
 				return
+			}
+			if n != nil && int64(n.BePid) == self.Load() {
+				continue
 			}
 			select {
 			case wake <- struct{}{}:

@@ -4,6 +4,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lib/pq"
 	"github.com/stretchr/testify/require"
 
 	"github.com/pgnats/outbox/internal/testenv"
@@ -53,4 +54,37 @@ func TestPollOnlyPublisherNeverSleepsOnTheLock(t *testing.T) {
 	for end := time.Now().Add(time.Second); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
 		require.False(t, b.sleeping(t), "a poll-only publisher took the sleep lock")
 	}
+}
+
+// An idle partitioned publisher sleeps as a single leader does. Leaving its
+// sleep it NOTIFYs, so that peers sleeping on its lock look again; that
+// NOTIFY must not wake the publisher itself, or it spins (sleep lock, look,
+// unlock and notify, at once again) using a core while idle.
+func TestIdlePartitionedPublisherIsNotWokenByItsOwnNotify(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	cfg := partitioned(4, "r1")
+	cfg.PollInterval = time.Hour
+	b.start(t, cfg)
+	testenv.Eventually(t, 10*time.Second, func() bool { return b.sleeping(t) }, "the idle publisher sleeps")
+
+	l := pq.NewListener(b.db.DSN, 100*time.Millisecond, time.Second, nil)
+	t.Cleanup(func() { l.Close() })
+	oid := b.db.Int(t, `SELECT to_regclass('events')::oid::int`)
+	require.NoError(t, l.Listen(schema.Channel(int64(oid))))
+	notifies := 0
+	for end := time.After(2 * time.Second); ; {
+		select {
+		case n := <-l.Notify:
+			if n != nil {
+				notifies++
+			}
+			continue
+		case <-end:
+		}
+		break
+	}
+	// It wakes for its lease rounds (every LeaderTimeout/5 = 400ms), about
+	// 5 times in 2 s; spinning, it sent thousands.
+	require.Less(t, notifies, 30, "NOTIFYs sent by an idle publisher in 2 s")
 }
