@@ -57,6 +57,9 @@ func TestFaults(t *testing.T) {
 		{"10 consumer dies after commit, before ack", faultConsumerCrash},
 		{"11 stream full (DiscardNew)", faultStreamFull},
 		{"12 PostgreSQL restarted", faultPGRestart},
+		{"13a 3 partitioned replicas, SIGKILL x10", faultPartitionsKill},
+		{"13b 3 partitioned replicas, one SIGSTOP 10s", faultPartitionsStop},
+		{"13c partitioned replicas join and leave", faultPartitionsJoinLeave},
 	} {
 		t.Run(strings.ReplaceAll(sc.name, " ", "_"), func(t *testing.T) {
 			began := time.Now()
@@ -354,16 +357,25 @@ func faultRollbacks(t *testing.T) faultRow {
 	return r
 }
 
-// replicas starts n publishers with metrics, each with its own
-// application_name (returned by appOf), and waits until one leads.
+// startReplica starts one publisher of a scenario with several, with
+// metrics and extra flags, its pool under an application_name of its own
+// (returned), so that the test can find its sessions.
+func startReplica(t *testing.T, b *bundle, name string, extra ...string) (*process, string) {
+	t.Helper()
+	app := fmt.Sprintf("faults_%s_%s", testenv.Suffix(), strings.ReplaceAll(name, " ", "_"))
+	p := startFaultPublisher(t, name, withAppName(t, b.db.DSN, app), append(append([]string{}, metricsFlags...), extra...)...)
+	return p, app
+}
+
+// replicas starts n publishers with startReplica (application_name given
+// by appOf) and waits until one leads.
 func replicas(t *testing.T, b *bundle, n int) (ps []*process, appOf map[*process]string) {
 	t.Helper()
 	ps = make([]*process, n)
 	appOf = map[*process]string{}
 	for i := range ps {
-		app := fmt.Sprintf("faults_%s_r%d", testenv.Suffix(), i+1)
-		ps[i] = startFaultPublisher(t, fmt.Sprintf("replica %d", i+1), withAppName(t, b.db.DSN, app), metricsFlags...)
-		appOf[ps[i]] = app
+		p, app := startReplica(t, b, fmt.Sprintf("replica %d", i+1))
+		ps[i], appOf[p] = p, app
 	}
 	if !waitFor(15*time.Second, func() bool { return leaderOf(ps, nil) != nil }) {
 		t.Fatal("no replica was elected")
@@ -405,12 +417,50 @@ func faultReplicasKill(t *testing.T) faultRow {
 }
 
 // claimTxSQL counts the claim transactions of the publisher whose pool
-// has application_name $1 that sit idle holding the barrier (shared).
+// has application_name $1 that sit idle holding the barrier (shared). A
+// partitioned publisher's claims match too: they hold its own barrier
+// shared, and a lock per partition (claimPartsSQL).
 const claimTxSQL = `SELECT count(*) FROM pg_stat_activity a
 	WHERE a.application_name = $1 AND a.state = 'idle in transaction'
 	  AND EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.locktype = 'advisory' AND l.mode = 'ShareLock' AND l.granted)`
 
 const mAcks = `outbox_publish_latency_seconds_count`
+
+// stopMidBatch SIGSTOPs p while it holds a claim transaction (claimTxSQL
+// on its pool's application_name app), trying until the stop lands inside
+// one, and returns p's metrics scraped (from base) just before the stop
+// that landed, and whether one did.
+func stopMidBatch(t *testing.T, b *bundle, p *process, app, base string) (m0 map[string]float64, midBatch bool) {
+	t.Helper()
+	for range 500 {
+		m0 = scrape(t, base) // its counters as it stops (give or take a batch)
+		_ = syscall.Kill(p.cmd.Process.Pid, syscall.SIGSTOP)
+		time.Sleep(20 * time.Millisecond)
+		var n int
+		_ = b.db.Get(&n, claimTxSQL, app)
+		if n > 0 {
+			return m0, true
+		}
+		_ = syscall.Kill(p.cmd.Process.Pid, syscall.SIGCONT)
+		time.Sleep(time.Duration(rand.IntN(20)) * time.Millisecond)
+	}
+	return m0, false
+}
+
+// claimTxEnd reports, once, how long after since no claim transaction of
+// the pool named app is left (at most 15 s).
+func claimTxEnd(b *bundle, app string, since time.Time) <-chan time.Duration {
+	ended := make(chan time.Duration, 1)
+	go func() {
+		waitFor(15*time.Second, func() bool {
+			var n int
+			_ = b.db.Get(&n, claimTxSQL, app)
+			return n == 0
+		})
+		ended <- time.Since(since).Round(10 * time.Millisecond)
+	}()
+	return ended
+}
 
 // takeover waits for a replica other than old to be elected and to mark
 // its first batch, and returns both delays since t0.
@@ -435,35 +485,12 @@ func faultReplicasStop(t *testing.T) faultRow {
 	pause(4 * time.Second)
 	leader := leaderOf(ps, nil)
 	base := httpBase(t, leader)
-	var m0 map[string]float64
 	// Freeze the leader mid-batch, holding a claim transaction and its row
 	// locks: the successor must then wait at the barrier until that
-	// transaction dies (idle_in_transaction_session_timeout). Try until
-	// the stop lands inside one.
-	midBatch := false
-	for range 500 {
-		m0 = scrape(t, base) // its counters as it stops (give or take a batch)
-		_ = syscall.Kill(leader.cmd.Process.Pid, syscall.SIGSTOP)
-		time.Sleep(20 * time.Millisecond)
-		var n int
-		_ = b.db.Get(&n, claimTxSQL, appOf[leader])
-		if midBatch = n > 0; midBatch {
-			break
-		}
-		_ = syscall.Kill(leader.cmd.Process.Pid, syscall.SIGCONT)
-		time.Sleep(time.Duration(rand.IntN(20)) * time.Millisecond)
-	}
+	// transaction dies (idle_in_transaction_session_timeout).
+	m0, midBatch := stopMidBatch(t, b, leader, appOf[leader], base)
 	stopped := time.Now()
-	// When does the frozen leader's claim transaction end?
-	txEnded := make(chan time.Duration, 1)
-	go func() {
-		waitFor(15*time.Second, func() bool {
-			var n int
-			_ = b.db.Get(&n, claimTxSQL, appOf[leader])
-			return n == 0
-		})
-		txEnded <- time.Since(stopped).Round(10 * time.Millisecond)
-	}()
+	txEnded := claimTxEnd(b, appOf[leader], stopped)
 	elected, published, ok := takeover(t, ps, leader, stopped)
 	pause(time.Until(stopped.Add(10 * time.Second)))
 	_ = syscall.Kill(leader.cmd.Process.Pid, syscall.SIGCONT)
