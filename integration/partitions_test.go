@@ -61,7 +61,10 @@ func TestPartitionedReplicas(t *testing.T) {
 	testenv.Eventually(t, 30*time.Second, func() bool { return b.db.Count(t, "SUCCESS") >= 500 },
 		"the replicas publish")
 	for i, base := range bases {
-		require.Positive(t, scrape(t, base)[mSuccess], "replica %d publishes its share", i+1)
+		m := scrape(t, base)
+		require.Positive(t, m[mSuccess], "replica %d publishes its share", i+1)
+		require.Equal(t, 6.0, m["outbox_partitions_configured"], "replica %d", i+1)
+		require.Equal(t, 2.0, m["outbox_partitions_held"], "replica %d", i+1)
 	}
 
 	ps[2].Kill()

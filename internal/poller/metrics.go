@@ -44,6 +44,10 @@ type Metrics struct {
 	// PartitionsHeld is the number of partitions this process publishes
 	// (0 without partitions).
 	PartitionsHeld prometheus.Gauge
+	// PartitionsConfigured is this process's partition count (Config.
+	// Partitions; 0 for a single leader), set by New: alerts compare it
+	// with the sum of PartitionsHeld.
+	PartitionsConfigured prometheus.Gauge
 	// NATSReconnects counts reconnections of the publisher's NATS
 	// connection (incremented by whoever owns the connection).
 	NATSReconnects prometheus.Counter
@@ -103,6 +107,8 @@ func NewMetrics() *Metrics {
 			"1 while this publisher holds the leader lock of its table (shared, with --partitions) and publishes, 0 while it stands by."),
 		PartitionsHeld: gauge("outbox_partitions_held",
 			"Partitions this publisher leases and publishes; 0 without --partitions."),
+		PartitionsConfigured: gauge("outbox_partitions_configured",
+			"This publisher's --partitions value; 0 for a single leader. With partitions, sum(outbox_partitions_held) should equal it."),
 		NATSReconnects: counter("outbox_nats_reconnects_total",
 			"Reconnections of the publisher's NATS connection."),
 		DatabaseReconnects: counter("outbox_database_reconnects_total",
@@ -128,7 +134,7 @@ func NewMetrics() *Metrics {
 
 func (m *Metrics) collectors() []prometheus.Collector {
 	return []prometheus.Collector{m.Events, m.PublishLatency, m.BatchDuration, m.BatchSize, m.Backoffs,
-		m.Leader, m.PartitionsHeld, m.NATSReconnects, m.DatabaseReconnects, m.ReadyEvents, m.RetryingEvents,
+		m.Leader, m.PartitionsHeld, m.PartitionsConfigured, m.NATSReconnects, m.DatabaseReconnects, m.ReadyEvents, m.RetryingEvents,
 		m.OldestReadyAge, m.FailedEvents, m.BlockedEntities, m.BacklogRefreshed}
 }
 

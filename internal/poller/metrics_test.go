@@ -126,6 +126,7 @@ func TestMetricsNames(t *testing.T) {
 		"outbox_publish_backoffs_total",
 		"outbox_leader",
 		"outbox_partitions_held",
+		"outbox_partitions_configured",
 		"outbox_nats_reconnects_total",
 		"outbox_database_reconnects_total",
 		"outbox_ready_events",

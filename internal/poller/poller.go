@@ -225,6 +225,9 @@ func New(cfg Config) (*Poller, error) {
 		stmts:   map[string]*sql.Stmt{},
 		log:     cfg.Logger,
 	}
+	if cfg.Metrics != nil {
+		cfg.Metrics.PartitionsConfigured.Set(float64(cfg.Partitions))
+	}
 	if cfg.Partitions > 0 {
 		p.parts = &partitions{count: cfg.Partitions, id: cfg.ReplicaID,
 			leases: table.Leases().Quoted(), replicas: table.Replicas().Quoted()}
