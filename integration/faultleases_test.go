@@ -5,6 +5,7 @@ package integration
 import (
 	"fmt"
 	"math/rand/v2"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -12,12 +13,15 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lib/pq"
+
 	"github.com/pgnats/outbox/internal/testenv"
 )
 
-// The partition-lease scenarios (13a–c): several publishers run at once
+// The partition-lease scenarios (13a–e): several publishers run at once
 // with --partitions, each leasing a share of the entities, while replicas
-// die, freeze, join and leave.
+// die, freeze, join and leave, lose every database session, or find a
+// lease of theirs taken from under them.
 
 // faultPartitions is the partition count of the lease scenarios: it splits
 // evenly over 1, 2 and 3 replicas.
@@ -31,6 +35,17 @@ const (
 	logLeaseLost = `msg="a partition lease was lost; rebalancing"`
 	logLockLost  = `msg="leadership lost; standing by"`
 )
+
+// joinedPID finds the lock session's backend pid in the log line of a join.
+var joinedPID = regexp.MustCompile(`msg="joined as a partitioned publisher" .*\bpid=(\d+)`)
+
+// rebalancedHeld finds what a partitioned publisher holds after a round
+// that changed it.
+var rebalancedHeld = regexp.MustCompile(`msg="partitions rebalanced" held="\[([0-9 ]*)\]"`)
+
+// partitionOfSQL is the partition of an events row's entity, as the
+// publishers of the lease scenarios compute it.
+var partitionOfSQL = fmt.Sprintf(`(((hashtextextended(entity_type || '/' || entity_id, 0) %% %[1]d) + %[1]d) %% %[1]d)`, faultPartitions)
 
 // claimPartsSQL counts the partition locks (advisory, bigint keys tagged
 // 0x6f62 in bits 16-31) that the claim transactions counted by claimTxSQL
@@ -86,6 +101,17 @@ func (rs *leaseReplicas) lockLosses(skip *process) int {
 		}
 	}
 	return n
+}
+
+// lockPID returns the backend pid of p's lock session, as p logged it when
+// it last joined, or 0.
+func (rs *leaseReplicas) lockPID(p *process) int {
+	m := joinedPID.FindAllStringSubmatch(p.Logs(), -1)
+	if len(m) == 0 {
+		return 0
+	}
+	pid, _ := strconv.Atoi(m[len(m)-1][1])
+	return pid
 }
 
 // held scrapes outbox_partitions_held of every live replica but skip (a
@@ -291,6 +317,157 @@ func faultPartitionsJoinLeave(t *testing.T) faultRow {
 		ok1, alone, ok2, two, ok3, three, code, exitIn, ok4, left)
 	r.note("lock sessions lost: %d", rs.lockLosses(nil))
 	if !ok1 || !ok2 || !ok3 || !ok4 || code != 0 || !strings.Contains(leaving.Logs(), logStopped) {
+		r.failed = true
+	}
+	return r
+}
+
+// faultPartitionsTerminate: three partitioned replicas; in each of six
+// rounds every session of one of them (its pool, its LISTEN connection and
+// its lock session) is terminated with pg_terminate_backend, a different
+// replica each round. It must rejoin, and the shares settle to 4/4/4.
+func faultPartitionsTerminate(t *testing.T) faultRow {
+	b := setup(t)
+	l := newFaultLedger()
+	c := startFaultConsumer(t, b, testenv.NATSURL(), b.stream, 0)
+	fw := startFaultWriters(t, b, l, steadyLoad)
+	rs := newLeaseReplicas(t, b)
+	for range 3 {
+		rs.start("")
+	}
+	if _, ok := rs.settled(20*time.Second, time.Now()); !ok {
+		t.Fatalf("3 replicas never held 4 partitions each: %v", rs.held(nil))
+	}
+	const rounds = 6
+	var notes []string
+	allOK := true
+	for i := range rounds {
+		pause(1500 * time.Millisecond)
+		victim := rs.live[i%len(rs.live)]
+		joins, oldPID := strings.Count(victim.Logs(), logJoined), rs.lockPID(victim)
+		at := time.Now()
+		pool, lock, err := terminateSessions(b, rs.app[victim], oldPID)
+		if err != nil {
+			t.Errorf("terminate: %v", err)
+		}
+		rejoined := waitFor(15*time.Second, func() bool { return strings.Count(victim.Logs(), logJoined) > joins })
+		rejoinedIn := time.Since(at).Round(10 * time.Millisecond)
+		// Balanced only counts once it has rejoined: until its heartbeat
+		// sees the lock session gone, its gauge still reads 4.
+		balancedIn, balanced := rs.settled(15*time.Second, at)
+		notes = append(notes, fmt.Sprintf("%s %d+%d sessions, rejoined %v %s, 4/4/4 %v %s",
+			rs.id[victim], pool, lock, rejoined, rejoinedIn, balanced, balancedIn))
+		// The pool holds at least one session under the steady load, and
+		// the LISTEN connection one more.
+		if err != nil || pool < 2 || lock != 1 || !rejoined || !balanced || rs.lockPID(victim) == oldPID {
+			allOK = false
+		}
+	}
+	pause(2 * time.Second)
+	fw.stop()
+	r := settle(t, b, l, b.js, b.stream, c, nil, nil)
+	r.note("%d rounds, each terminating pool+LISTEN and lock sessions of one replica, then the delay from pg_terminate_backend: %s",
+		rounds, strings.Join(notes, ", "))
+	var logs []string
+	for _, p := range rs.all {
+		s := p.Logs()
+		logs = append(logs, fmt.Sprintf("%s joined %d, leadership lost %d, lease lost %d, backing off %d",
+			rs.id[p], strings.Count(s, logJoined), strings.Count(s, logLockLost), strings.Count(s, logLeaseLost),
+			strings.Count(s, "publish loop backing off")))
+	}
+	r.note("logged: %s", strings.Join(logs, "; "))
+	if !allOK {
+		r.failed = true
+	}
+	return r
+}
+
+// faultLeaseIntruder: three partitioned replicas; the test gives one
+// partition of the first replica's share to another owner for 5 s (a lease
+// row it did not write, unexpired), then deletes that row. The replica must
+// drop the partition, leave its events READY while the others flow, then
+// take it again and drain it.
+func faultLeaseIntruder(t *testing.T) faultRow {
+	b := setup(t)
+	l := newFaultLedger()
+	c := startFaultConsumer(t, b, testenv.NATSURL(), b.stream, 0)
+	fw := startFaultWriters(t, b, l, steadyLoad)
+	rs := newLeaseReplicas(t, b)
+	for range 3 {
+		rs.start("")
+	}
+	if _, ok := rs.settled(20*time.Second, time.Now()); !ok {
+		t.Fatalf("3 replicas never held 4 partitions each: %v", rs.held(nil))
+	}
+	pause(2 * time.Second)
+	first := rs.all[0]
+	id, base := rs.id[first], httpBase(t, first)
+	var leased []int
+	if err := b.db.Select(&leased, `SELECT part FROM events_leases WHERE owner = $1 ORDER BY part`, id); err != nil {
+		t.Fatalf("leases: %v", err)
+	}
+	// Of its partitions, the one with the most entities written so far.
+	var part, entities int
+	if err := b.db.QueryRow(`SELECT `+partitionOfSQL+`, count(DISTINCT entity_id) FROM events
+		WHERE `+partitionOfSQL+` = ANY($1) GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 1`, pq.Array(leased)).Scan(&part, &entities); err != nil {
+		t.Fatalf("pick a partition of %v: %v", leased, err)
+	}
+	// READY and SUCCESS rows of the partition, SUCCESS rows of the others.
+	counts := func() (ready, success, others int) {
+		_ = b.db.QueryRow(`SELECT count(*) FILTER (WHERE event_status = 'READY' AND p = $1),
+			count(*) FILTER (WHERE event_status = 'SUCCESS' AND p = $1),
+			count(*) FILTER (WHERE event_status = 'SUCCESS' AND p <> $1)
+			FROM (SELECT event_status, `+partitionOfSQL+` AS p FROM events) e`, part).Scan(&ready, &success, &others)
+		return ready, success, others
+	}
+	logged := len(first.Logs())
+	if _, err := b.db.Exec(`UPDATE events_leases SET owner = 'intruder', expires_at = now() + interval '1 hour' WHERE part = $1`, part); err != nil {
+		t.Fatalf("take the lease: %v", err)
+	}
+	taken := time.Now()
+	dropped := waitFor(10*time.Second, func() bool { return scrape(t, base)[mPartitionsHeld] == faultPartitions/3-1 })
+	droppedIn := time.Since(taken).Round(10 * time.Millisecond)
+	ready0, success0, others0 := counts()
+	pause(time.Until(taken.Add(5 * time.Second)))
+	ready1, success1, others1 := counts()
+	var owner string
+	_ = b.db.Get(&owner, `SELECT owner FROM events_leases WHERE part = $1`, part)
+	var lastSeq int64
+	_ = b.db.Get(&lastSeq, `SELECT coalesce(max(seq), 0) FROM events`)
+	if _, err := b.db.Exec(`DELETE FROM events_leases WHERE part = $1`, part); err != nil {
+		t.Fatalf("delete the lease: %v", err)
+	}
+	deleted := time.Now()
+	retaken := waitFor(10*time.Second, func() bool { return scrape(t, base)[mPartitionsHeld] == faultPartitions/3 })
+	retakenIn := time.Since(deleted).Round(10 * time.Millisecond)
+	// Everything of the partition written before the delete is published.
+	drained := waitFor(20*time.Second, func() bool {
+		var n int
+		return b.db.Get(&n, `SELECT count(*) FROM events WHERE event_status = 'READY' AND seq <= $2 AND `+partitionOfSQL+` = $1`,
+			part, lastSeq) == nil && n == 0
+	})
+	drainedIn := time.Since(deleted).Round(10 * time.Millisecond)
+	var newOwner string
+	_ = b.db.Get(&newOwner, `SELECT owner FROM events_leases WHERE part = $1`, part)
+	balanced := rs.balanced()
+	since := first.Logs()[logged:]
+	// Its first change of holdings after the takeover, if it logged one.
+	without := false
+	if m := rebalancedHeld.FindStringSubmatch(since); m != nil {
+		without = !slices.Contains(strings.Fields(m[1]), strconv.Itoa(part))
+	}
+	pause(2 * time.Second)
+	fw.stop()
+	r := settle(t, b, l, b.js, b.stream, c, nil, nil)
+	r.note("%s's partition %d (of %v, %d entities) given to another owner for 5 s: %s=%d %v after %s, next rebalance logged without it %v; its owner then %q",
+		id, part, leased, entities, mPartitionsHeld, faultPartitions/3-1, dropped, droppedIn, without, owner)
+	r.note("from the drop to the delete: READY of the partition %d→%d, SUCCESS of it %d→%d, SUCCESS of the others %d→%d",
+		ready0, ready1, success0, success1, others0, others1)
+	r.note("after the delete: %s held %d again %v after %s (owner %q), the partition's backlog drained %v after %s; 4/4/4 %v",
+		id, faultPartitions/3, retaken, retakenIn, newOwner, drained, drainedIn, balanced)
+	r.note("%s logged: lease lost %d, leadership lost %d", id, strings.Count(since, logLeaseLost), strings.Count(since, logLockLost))
+	if !(dropped || without) || success1 != success0 || ready1 == 0 || others1 <= others0 || owner != "intruder" ||
+		!retaken || !drained || newOwner != id || !balanced {
 		r.failed = true
 	}
 	return r

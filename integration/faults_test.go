@@ -60,6 +60,8 @@ func TestFaults(t *testing.T) {
 		{"13a 3 partitioned replicas, SIGKILL x10", faultPartitionsKill},
 		{"13b 3 partitioned replicas, one SIGSTOP 10s", faultPartitionsStop},
 		{"13c partitioned replicas join and leave", faultPartitionsJoinLeave},
+		{"13d partitioned replicas, backends terminated", faultPartitionsTerminate},
+		{"13e a lease taken over while its replica lives", faultLeaseIntruder},
 	} {
 		t.Run(strings.ReplaceAll(sc.name, " ", "_"), func(t *testing.T) {
 			began := time.Now()
@@ -152,6 +154,19 @@ func withAppName(t *testing.T, dsn, name string) string {
 	return dsn + sep + "application_name=" + name
 }
 
+// terminateSessions terminates the backends of one publisher: those whose
+// application_name is app (set in its DSN: its pool and its LISTEN
+// connection) and its lock session, backend lockPID as the publisher
+// logged it (that session names itself 'pgnats-outbox leader'). It
+// returns how many of each kind it terminated.
+func terminateSessions(b *bundle, app string, lockPID int) (pool, lock int, err error) {
+	err = b.db.QueryRow(`SELECT count(*) FILTER (WHERE pid <> $2)::int, count(*) FILTER (WHERE pid = $2)::int
+		FROM (SELECT pid, pg_terminate_backend(pid) AS ok FROM pg_stat_activity
+			WHERE application_name = $1 OR (pid = $2 AND application_name = 'pgnats-outbox leader')) s
+		WHERE ok`, app, lockPID).Scan(&pool, &lock)
+	return pool, lock, err
+}
+
 func faultTerminateBackends(t *testing.T) faultRow {
 	b := setup(t)
 	l := newFaultLedger()
@@ -163,12 +178,11 @@ func faultTerminateBackends(t *testing.T) faultRow {
 	terminated := 0
 	for range 8 {
 		pause(1500 * time.Millisecond)
-		var n int
-		if err := b.db.Get(&n, `SELECT count(pg_terminate_backend(pid))::int FROM pg_stat_activity
-			WHERE application_name = $1 OR (pid = $2 AND application_name = 'pgnats-outbox leader')`, app, p.LeaderPID()); err != nil {
+		pool, lock, err := terminateSessions(b, app, p.LeaderPID())
+		if err != nil {
 			t.Errorf("terminate: %v", err)
 		}
-		terminated += n
+		terminated += pool + lock
 	}
 	pause(time.Second)
 	fw.stop()
