@@ -9,7 +9,6 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -18,25 +17,6 @@ import (
 
 	"github.com/pgnats/outbox/internal/testenv"
 )
-
-// syncBuffer is a bytes.Buffer safe to write from the process's output
-// copier while the test reads it.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
 
 // binaryEnv is the test process's environment without OUTBOX_* variables,
 // so a developer's settings cannot change what a test runs, plus extra.
@@ -54,7 +34,7 @@ func binaryEnv(extra ...string) []string {
 type process struct {
 	name   string
 	cmd    *exec.Cmd
-	stderr *syncBuffer
+	stderr *testenv.SyncBuffer
 	done   chan struct{} // closed when the process has exited
 	code   int           // exit code, -1 when killed by a signal; valid after done
 }
@@ -80,7 +60,7 @@ func startPublisher(t *testing.T, name, dsn string, extra ...string) *process {
 // startProcess starts the publisher binary with args and extra environment.
 func startProcess(t *testing.T, name string, args, env []string) *process {
 	t.Helper()
-	p := &process{name: name, stderr: &syncBuffer{}, done: make(chan struct{})}
+	p := &process{name: name, stderr: &testenv.SyncBuffer{}, done: make(chan struct{})}
 	p.cmd = exec.Command(publisherBin, args...)
 	p.cmd.Env = binaryEnv(env...)
 	p.cmd.Stderr = p.stderr

@@ -302,8 +302,9 @@ func (p *Poller) Run(ctx context.Context) error {
 		}
 		switch {
 		case errors.Is(err, errLostLeadership) && p.parts != nil && !p.lead.isLost():
-			// A lease, not the lock session: take stock at once.
-			p.log.Warn("a partition lease was lost; rebalancing", "err", err)
+			// A lease, or the lock session before the heartbeat has seen
+			// it go: take stock at once.
+			p.log.Warn("a partition lease or the lock session was lost; rebalancing", "err", err)
 			p.parts.next = time.Time{}
 			continue
 		case errors.Is(err, errLostLeadership):
@@ -343,15 +344,17 @@ func (p *Poller) Run(ctx context.Context) error {
 		case p.cfg.NoListen:
 			p.sleep(ctx, p.idlePoll(), nil)
 		default:
-			ok, err := p.lead.trySleep(ctx)
-			if err != nil {
-				p.log.Warn("take sleep lock", "err", err)
-			}
-			if ok {
+			switch ok, err := p.lead.trySleep(ctx); {
+			case err != nil:
+				// The lock session is failing; the heartbeat will notice.
+				// Poll meanwhile rather than retry at once.
+				p.log.Warn("take sleep lock; polling", "err", err)
+				p.sleep(ctx, p.idlePoll(), wake)
+			case ok:
 				sleeping = true // look once more, then sleep
-				continue
+			default:
+				p.sleep(ctx, activePoll, wake) // a writer is mid-transaction
 			}
-			p.sleep(ctx, activePoll, wake) // a writer is mid-transaction
 		}
 	}
 	if err := p.drain(ctx); err != nil {

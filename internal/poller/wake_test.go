@@ -1,6 +1,8 @@
 package poller_test
 
 import (
+	"log/slog"
+	"strings"
 	"testing"
 	"time"
 
@@ -87,4 +89,32 @@ func TestIdlePartitionedPublisherIsNotWokenByItsOwnNotify(t *testing.T) {
 	// It wakes for its lease rounds (every LeaderTimeout/5 = 400ms), about
 	// 5 times in 2 s; spinning, it sent thousands.
 	require.Less(t, notifies, 30, "NOTIFYs sent by an idle publisher in 2 s")
+}
+
+// When the lock session dies while the publisher is active, it does not
+// retry the sleep lock on the dead session in a tight loop until its
+// heartbeat notices: it polls at the poll interval meanwhile.
+func TestDeadLockSessionDoesNotSpinOnTheSleepLock(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	var logs testenv.SyncBuffer
+	cfg := fastConfig()
+	cfg.LeaderTimeout = 20 * time.Second // heartbeat every 4 s: the window to look at
+	cfg.Logger = slog.New(slog.NewTextHandler(&logs, nil))
+	p := b.start(t, cfg)
+	testenv.Eventually(t, 10*time.Second, func() bool { return p.Stats().Leader }, "the poller leads")
+
+	events := changes(b.prefix+".order.changed", 5, 2)
+	b.write(t, events...)
+	testenv.Eventually(t, 10*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == len(events) },
+		"the poller publishes")
+	// Active now (it just found work); end its lock session.
+	require.Equal(t, 1, b.db.Int(t, `SELECT count(pg_terminate_backend(pid)) FROM pg_locks
+		WHERE locktype = 'advisory' AND classid = x'6f627831'::bigint::oid
+		  AND objid = 'events'::regclass::oid AND granted`))
+	time.Sleep(2 * time.Second)
+	tries := strings.Count(logs.String(), "take sleep lock")
+	t.Logf("%d sleep-lock tries in 2 s on a dead session", tries)
+	require.Positive(t, tries, "the poller went idle and tried the sleep lock on the dead session")
+	require.Less(t, tries, 30, "sleep-lock tries in 2 s on a dead session")
 }
