@@ -70,6 +70,20 @@ func newLeaseReplicas(t *testing.T, b *bundle) *leaseReplicas {
 	return &leaseReplicas{t: t, b: b, id: map[*process]string{}, app: map[*process]string{}}
 }
 
+// threeSettledReplicas starts three partitioned replicas with new ids and
+// waits until they hold 4 partitions each.
+func threeSettledReplicas(t *testing.T, b *bundle) *leaseReplicas {
+	t.Helper()
+	rs := newLeaseReplicas(t, b)
+	for range 3 {
+		rs.start("")
+	}
+	if _, ok := rs.settled(20*time.Second, time.Now()); !ok {
+		t.Fatalf("3 replicas never held 4 partitions each: %v", rs.held(nil))
+	}
+	return rs
+}
+
 // start starts a publisher with --partitions faultPartitions under replica
 // id, or "r<n>" (the n-th started) when id is empty.
 func (rs *leaseReplicas) start(id string) *process {
@@ -161,13 +175,7 @@ func faultPartitionsKill(t *testing.T) faultRow {
 	l := newFaultLedger()
 	c := startFaultConsumer(t, b, testenv.NATSURL(), b.stream, 0)
 	fw := startFaultWriters(t, b, l, steadyLoad)
-	rs := newLeaseReplicas(t, b)
-	for range 3 {
-		rs.start("")
-	}
-	if _, ok := rs.settled(20*time.Second, time.Now()); !ok {
-		t.Fatalf("3 replicas never held 4 partitions each: %v", rs.held(nil))
-	}
+	rs := threeSettledReplicas(t, b)
 	rng := rand.New(rand.NewPCG(3, uint64(time.Now().UnixNano())))
 	var killed []string
 	var lastKill time.Time
@@ -213,13 +221,7 @@ func faultPartitionsStop(t *testing.T) faultRow {
 	l := newFaultLedger()
 	c := startFaultConsumer(t, b, testenv.NATSURL(), b.stream, 0)
 	fw := startFaultWriters(t, b, l, steadyLoad)
-	rs := newLeaseReplicas(t, b)
-	for range 3 {
-		rs.start("")
-	}
-	if _, ok := rs.settled(20*time.Second, time.Now()); !ok {
-		t.Fatalf("3 replicas never held 4 partitions each: %v", rs.held(nil))
-	}
+	rs := threeSettledReplicas(t, b)
 	pause(3 * time.Second)
 	victim := rs.live[rand.IntN(len(rs.live))]
 	id, app, base := rs.id[victim], rs.app[victim], httpBase(t, victim)
@@ -331,13 +333,7 @@ func faultPartitionsTerminate(t *testing.T) faultRow {
 	l := newFaultLedger()
 	c := startFaultConsumer(t, b, testenv.NATSURL(), b.stream, 0)
 	fw := startFaultWriters(t, b, l, steadyLoad)
-	rs := newLeaseReplicas(t, b)
-	for range 3 {
-		rs.start("")
-	}
-	if _, ok := rs.settled(20*time.Second, time.Now()); !ok {
-		t.Fatalf("3 replicas never held 4 partitions each: %v", rs.held(nil))
-	}
+	rs := threeSettledReplicas(t, b)
 	const rounds = 6
 	var notes []string
 	allOK := true
@@ -392,13 +388,7 @@ func faultLeaseIntruder(t *testing.T) faultRow {
 	l := newFaultLedger()
 	c := startFaultConsumer(t, b, testenv.NATSURL(), b.stream, 0)
 	fw := startFaultWriters(t, b, l, steadyLoad)
-	rs := newLeaseReplicas(t, b)
-	for range 3 {
-		rs.start("")
-	}
-	if _, ok := rs.settled(20*time.Second, time.Now()); !ok {
-		t.Fatalf("3 replicas never held 4 partitions each: %v", rs.held(nil))
-	}
+	rs := threeSettledReplicas(t, b)
 	pause(2 * time.Second)
 	first := rs.all[0]
 	id, base := rs.id[first], httpBase(t, first)
