@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"runtime/debug"
 	"strconv"
 	"time"
 
@@ -31,8 +32,9 @@ type Config struct {
 	// Default: "processed_message" (schema.DefaultProcessed), resolved
 	// through the connection's search_path.
 	Table string
-	// Logger receives debug records of skipped duplicates and warnings of
-	// failed rollbacks. Default: discard.
+	// Logger receives debug records of skipped duplicates, warnings of
+	// failed rollbacks and errors, with the stack, of handlers that
+	// panicked. Default: discard.
 	Logger *slog.Logger
 	// Metrics counts processed, duplicate and failed messages and times
 	// the handlers, per consumer (see NewMetrics). Default: nil, record
@@ -110,28 +112,43 @@ func (r Result) String() string {
 // record are kept, and returns an error wrapping fn's (errors.Is and
 // errors.As see through it) with a zero Result; the message can be
 // processed by a later call. An empty consumer or msgID is rejected with a
-// *KeyError, before any SQL runs.
+// *KeyError, and a nil fn with ErrNilHandler, before any SQL runs.
+//
+// A panic in fn does not escape: Process recovers it, rolls back (so the
+// message is neither recorded nor has any effect), logs it at error level
+// with the stack to Config.Logger, and returns a *PanicError (matching
+// ErrHandlerPanic) with a zero Result. One bad message thus cannot crash
+// every consumer instance it is redelivered to.
 func (p *Processor) Process(ctx context.Context, consumer, msgID string, fn func(ctx context.Context, tx *sqlx.Tx) error) (Result, error) {
+	return p.processLogged(ctx, p.log, consumer, msgID, fn)
+}
+
+// processLogged is Process logging to log, which is the Processor's logger
+// or the JetStream handler's.
+func (p *Processor) processLogged(ctx context.Context, log *slog.Logger, consumer, msgID string, fn func(ctx context.Context, tx *sqlx.Tx) error) (Result, error) {
 	start := time.Now()
-	res, err := p.process(ctx, consumer, msgID, fn)
+	res, err := p.process(ctx, log, consumer, msgID, fn)
 	p.metrics.observe(consumer, res, err, start)
 	return res, err
 }
 
-func (p *Processor) process(ctx context.Context, consumer, msgID string, fn func(ctx context.Context, tx *sqlx.Tx) error) (Result, error) {
+func (p *Processor) process(ctx context.Context, log *slog.Logger, consumer, msgID string, fn func(ctx context.Context, tx *sqlx.Tx) error) (Result, error) {
 	if consumer == "" {
 		return 0, &KeyError{Field: "consumer"}
 	}
 	if msgID == "" {
 		return 0, &KeyError{Field: "msgID"}
 	}
+	if fn == nil {
+		return 0, ErrNilHandler
+	}
 	tx, err := p.db.BeginTxx(ctx, nil)
 	if err != nil {
 		return 0, fmt.Errorf("begin: %w", err)
 	}
-	// A no-op after Commit; also runs if fn panics, so the connection goes
-	// back to the pool.
-	defer p.rollback(tx, consumer, msgID)
+	// A no-op after Commit; the connection goes back to the pool on every
+	// path.
+	defer rollback(tx, log, consumer, msgID)
 
 	res, err := tx.ExecContext(ctx, p.insert, consumer, msgID)
 	if err != nil {
@@ -142,10 +159,10 @@ func (p *Processor) process(ctx context.Context, consumer, msgID string, fn func
 		return 0, fmt.Errorf("record message: %w", err)
 	}
 	if n == 0 {
-		p.log.DebugContext(ctx, "duplicate message skipped", "consumer", consumer, "message_id", msgID)
+		log.DebugContext(ctx, "duplicate message skipped", "consumer", consumer, "message_id", msgID)
 		return Duplicate, nil
 	}
-	if err := fn(ctx, tx); err != nil {
+	if err := call(ctx, tx, log, consumer, msgID, fn); err != nil {
 		return 0, fmt.Errorf("handle message: %w", err)
 	}
 	// A handler that swallowed an SQL error leaves the transaction aborted;
@@ -156,9 +173,23 @@ func (p *Processor) process(ctx context.Context, consumer, msgID string, fn func
 	return Processed, nil
 }
 
-func (p *Processor) rollback(tx *sqlx.Tx, consumer, msgID string) {
+// call runs fn and turns a panic in it into a *PanicError, logged with the
+// stack of the goroutine that panicked.
+func call(ctx context.Context, tx *sqlx.Tx, log *slog.Logger, consumer, msgID string, fn func(ctx context.Context, tx *sqlx.Tx) error) (err error) {
+	defer func() {
+		if v := recover(); v != nil {
+			pe := &PanicError{Value: v, Stack: debug.Stack()}
+			log.ErrorContext(ctx, "message handler panicked; rolled back", "consumer", consumer, "message_id", msgID,
+				"panic", fmt.Sprint(v), "stack", string(pe.Stack))
+			err = pe
+		}
+	}()
+	return fn(ctx, tx)
+}
+
+func rollback(tx *sqlx.Tx, log *slog.Logger, consumer, msgID string) {
 	// ErrTxDone: already committed, or rolled back by a cancelled context.
 	if err := tx.Rollback(); err != nil && !errors.Is(err, sql.ErrTxDone) {
-		p.log.Warn("dedup rollback failed", "consumer", consumer, "message_id", msgID, "error", err)
+		log.Warn("dedup rollback failed", "consumer", consumer, "message_id", msgID, "error", err)
 	}
 }

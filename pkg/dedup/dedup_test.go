@@ -3,6 +3,7 @@ package dedup_test
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -206,23 +207,57 @@ func TestProcess(t *testing.T) {
 		require.False(t, b.recorded(t, "billing", "m1"))
 	})
 
-	t.Run("panicking handler leaves no record", func(t *testing.T) {
+	t.Run("panicking handler is recovered, rolled back and logged with its stack", func(t *testing.T) {
 		t.Parallel()
 		b := setup(t)
-		require.Panics(t, func() {
-			_, _ = b.p.Process(t.Context(), "billing", "m1", func(ctx context.Context, tx *sqlx.Tx) error {
+		var logs testenv.SyncBuffer
+		p, err := dedup.New(b.db.DB, dedup.Config{Logger: slog.New(slog.NewJSONHandler(&logs, nil))})
+		require.NoError(t, err)
+		var res dedup.Result
+		require.NotPanics(t, func() {
+			res, err = p.Process(t.Context(), "billing", "m1", func(ctx context.Context, tx *sqlx.Tx) error {
 				require.NoError(t, writeEffect(ctx, tx, "billing", "m1"))
-				panic("handler bug")
+				panicInHandler()
+				return nil
 			})
 		})
+		require.ErrorIs(t, err, dedup.ErrHandlerPanic)
+		var pe *dedup.PanicError
+		require.ErrorAs(t, err, &pe)
+		require.Equal(t, "handler bug", pe.Value)
+		require.Contains(t, string(pe.Stack), "panicInHandler")
+		require.Zero(t, res)
+		require.Contains(t, logs.String(), `"msg":"message handler panicked; rolled back"`)
+		require.Contains(t, logs.String(), "panicInHandler", "stack in the log record")
+		require.Zero(t, b.effects(t, "billing", "m1"), "handler's writes rolled back")
 		require.False(t, b.recorded(t, "billing", "m1"))
+
 		var calls atomic.Int32
-		res, err := b.p.Process(t.Context(), "billing", "m1", effectHandler("billing", "m1", &calls))
+		res, err = p.Process(t.Context(), "billing", "m1", effectHandler("billing", "m1", &calls))
 		require.NoError(t, err)
 		require.Equal(t, dedup.Processed, res)
 		require.Equal(t, 1, b.effects(t, "billing", "m1"))
 	})
+
+	t.Run("nil handler is refused before any SQL", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		var (
+			res dedup.Result
+			err error
+		)
+		require.NotPanics(t, func() {
+			res, err = b.p.Process(t.Context(), "billing", "m1", nil)
+		})
+		require.ErrorIs(t, err, dedup.ErrNilHandler)
+		require.Zero(t, res)
+		require.False(t, b.recorded(t, "billing", "m1"), "no key recorded")
+	})
 }
+
+// panicInHandler panics from a named function, so that a test can find it
+// in the recorded stack.
+func panicInHandler() { panic("handler bug") }
 
 func TestProcess_invalidKey(t *testing.T) {
 	t.Parallel()
@@ -256,6 +291,12 @@ func TestProcess_invalidKey(t *testing.T) {
 			require.False(t, called)
 		})
 	}
+	t.Run("nil handler", func(t *testing.T) {
+		t.Parallel()
+		res, err := p.Process(t.Context(), "billing", "m1", nil)
+		require.ErrorIs(t, err, dedup.ErrNilHandler)
+		require.Zero(t, res)
+	})
 }
 
 // holdFirst returns a handler whose first call reports its transaction's

@@ -1,6 +1,9 @@
 package dedup
 
-import "errors"
+import (
+	"errors"
+	"fmt"
+)
 
 // ErrInvalidKey is matched (errors.Is) by every *KeyError: Process was
 // called with an empty consumer or message id and ran no SQL.
@@ -39,3 +42,28 @@ type permanentError struct{ err error }
 func (e *permanentError) Error() string        { return e.err.Error() }
 func (e *permanentError) Unwrap() error        { return e.err }
 func (e *permanentError) Is(target error) bool { return target == ErrPermanent }
+
+// ErrNilHandler is returned by Process for a nil handler function, before
+// any SQL runs.
+var ErrNilHandler = errors.New("dedup: nil handler function")
+
+// ErrHandlerPanic is matched (errors.Is) by every *PanicError.
+var ErrHandlerPanic = errors.New("handler panicked")
+
+// PanicError is the error Process returns when the handler panicked. The
+// panic was recovered and the transaction rolled back, so neither the
+// handler's writes nor the message's record were kept: a later delivery
+// runs the handler again. It matches ErrHandlerPanic with errors.Is.
+type PanicError struct {
+	// Value is what the handler passed to panic.
+	Value any
+	// Stack is the panicking goroutine's stack trace, as
+	// runtime/debug.Stack formats it.
+	Stack []byte
+}
+
+// Error reads "handler panicked: " and the panic value.
+func (e *PanicError) Error() string { return fmt.Sprintf("handler panicked: %v", e.Value) }
+
+// Is reports whether target is ErrHandlerPanic.
+func (e *PanicError) Is(target error) bool { return target == ErrHandlerPanic }

@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"log/slog"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -38,6 +40,14 @@ type jsBundle struct {
 
 func setupJS(t *testing.T) *jsBundle {
 	t.Helper()
+	// Longer than the test waits: a message neither acked nor terminated
+	// stays pending instead of being redelivered by timeout.
+	return setupJSAckWait(t, 5*time.Minute)
+}
+
+// setupJSAckWait is setupJS with the consumer's AckWait.
+func setupJSAckWait(t *testing.T, ackWait time.Duration) *jsBundle {
+	t.Helper()
 	b := &jsBundle{
 		bundle:     setup(t),
 		calls:      map[string]int{},
@@ -50,9 +60,7 @@ func setupJS(t *testing.T) *jsBundle {
 	b.cons, err = b.stream.CreateOrUpdateConsumer(t.Context(), jetstream.ConsumerConfig{
 		Durable:   consumerName,
 		AckPolicy: jetstream.AckExplicitPolicy,
-		// Longer than the test waits: a message neither acked nor
-		// terminated stays pending instead of being redelivered by timeout.
-		AckWait: 5 * time.Minute,
+		AckWait:   ackWait,
 	})
 	require.NoError(t, err)
 
@@ -248,6 +256,118 @@ func TestHandler(t *testing.T) {
 		require.Equal(t, 1, deliveries[bad], "deliveries of the bad message")
 		require.Zero(t, b.effects(t, consumerName, "bad"), "bad message's writes rolled back")
 		require.False(t, b.recorded(t, consumerName, "bad"))
+	})
+
+	t.Run("panicking handler is nak'd and processed once it stops panicking", func(t *testing.T) {
+		t.Parallel()
+		b := setupJS(t)
+		seq := b.publish(t, "e1")
+		var logs testenv.SyncBuffer
+		panics := 0
+		b.consume(t, dedup.HandlerConfig{NakDelay: 10 * time.Millisecond, Logger: slog.New(slog.NewJSONHandler(&logs, nil))},
+			func(ctx context.Context, tx *sqlx.Tx, msg jetstream.Msg) error {
+				if err := writeEventEffect(ctx, tx, msg); err != nil {
+					return err
+				}
+				if panics < 2 { // handler calls for one message are sequential
+					panics++
+					panic("nil map in a handler")
+				}
+				return nil
+			})
+
+		b.waitSettled(t, func() bool {
+			return b.effects(t, consumerName, "e1") == 1
+		}, "message processed after the handler stopped panicking")
+		calls, deliveries, terminated := b.snapshot()
+		require.Equal(t, map[string]int{"e1": 3}, calls, "handler calls")
+		require.Equal(t, 3, deliveries[seq], "deliveries")
+		require.Empty(t, terminated)
+		require.Equal(t, 1, b.effects(t, consumerName, "e1"), "effect once")
+		require.Equal(t, 2, strings.Count(logs.String(), `"msg":"message processing failed, redelivery requested"`))
+		require.Contains(t, logs.String(), "handler panicked: nil map in a handler")
+		require.Contains(t, logs.String(), `"stack":"goroutine `, "panic logged with its stack")
+	})
+
+	t.Run("nak delay grows with deliveries up to the cap", func(t *testing.T) {
+		t.Parallel()
+		for _, tc := range []struct {
+			name string
+			cfg  dedup.HandlerConfig
+			want []time.Duration
+		}{
+			{
+				name: "default cap",
+				cfg:  dedup.HandlerConfig{NakDelay: 5 * time.Millisecond},
+				want: []time.Duration{5, 10, 20, 40, 80},
+			},
+			{
+				name: "cap 20ms",
+				cfg:  dedup.HandlerConfig{NakDelay: 5 * time.Millisecond, MaxNakDelay: 20 * time.Millisecond},
+				want: []time.Duration{5, 10, 20, 20, 20},
+			},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				t.Parallel()
+				b := setupJS(t)
+				b.publish(t, "e1")
+				var logs testenv.SyncBuffer
+				tc.cfg.Logger = slog.New(slog.NewJSONHandler(&logs, nil))
+				failures := 0
+				b.consume(t, tc.cfg, func(ctx context.Context, tx *sqlx.Tx, msg jetstream.Msg) error {
+					if failures < len(tc.want) {
+						failures++
+						return errors.New("database unavailable")
+					}
+					return writeEventEffect(ctx, tx, msg)
+				})
+				b.waitSettled(t, func() bool {
+					return b.effects(t, consumerName, "e1") == 1
+				}, "message processed after the failures")
+
+				delays := map[int]time.Duration{} // by delivery count
+				for _, line := range strings.Split(strings.TrimSpace(logs.String()), "\n") {
+					var rec struct {
+						Msg        string        `json:"msg"`
+						Deliveries int           `json:"deliveries"`
+						Delay      time.Duration `json:"delay"`
+					}
+					require.NoError(t, json.Unmarshal([]byte(line), &rec), line)
+					if rec.Msg == "message processing failed, redelivery requested" {
+						delays[rec.Deliveries] = rec.Delay
+					}
+				}
+				want := map[int]time.Duration{}
+				for i, d := range tc.want {
+					want[i+1] = d * time.Millisecond
+				}
+				require.Equal(t, want, delays, "nak delay by delivery count")
+			})
+		}
+	})
+
+	t.Run("handler slower than AckWait is kept in progress, not redelivered", func(t *testing.T) {
+		t.Parallel()
+		b := setupJSAckWait(t, time.Second)
+		seq := b.publish(t, "e1")
+		b.consume(t, dedup.HandlerConfig{InProgressInterval: 200 * time.Millisecond},
+			func(ctx context.Context, tx *sqlx.Tx, msg jetstream.Msg) error {
+				// The work takes three AckWaits.
+				select {
+				case <-time.After(3 * time.Second):
+				case <-ctx.Done():
+					return ctx.Err()
+				}
+				return writeEventEffect(ctx, tx, msg)
+			})
+
+		b.waitSettled(t, func() bool {
+			return b.effects(t, consumerName, "e1") == 1
+		}, "slow message processed")
+		calls, deliveries, terminated := b.snapshot()
+		require.Equal(t, map[string]int{"e1": 1}, calls, "handler calls")
+		require.Equal(t, 1, deliveries[seq], "deliveries: none while the handler ran")
+		require.Empty(t, terminated)
 	})
 
 	t.Run("panics without consumer name", func(t *testing.T) {

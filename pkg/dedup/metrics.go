@@ -12,7 +12,8 @@ import (
 //
 //	outbox_consumer_messages_total{consumer, outcome}
 //	    outcome "processed" (handler ran, committed), "duplicate" (skipped)
-//	    or "error" (handler or database failed; rolled back)
+//	    or "error" (handler failed or panicked, or the database failed;
+//	    rolled back)
 //	outbox_consumer_handler_duration_seconds{consumer}
 //	    time of a Process call that was not a duplicate: the dedup insert,
 //	    the handler and the commit (or the rollback)
@@ -53,9 +54,9 @@ func (m *Metrics) Collect(ch chan<- prometheus.Metric) {
 }
 
 // observe records one Process call; a nil *Metrics records nothing, and
-// neither does a call rejected for an empty key.
+// neither does a call rejected for an empty key or a nil function.
 func (m *Metrics) observe(consumer string, res Result, err error, start time.Time) {
-	if m == nil || errors.As(err, new(*KeyError)) {
+	if m == nil || errors.As(err, new(*KeyError)) || errors.Is(err, ErrNilHandler) {
 		return
 	}
 	outcome := "error"
