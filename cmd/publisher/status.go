@@ -24,8 +24,8 @@ func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	)
 	c := newCommand("status", "", `
 Show the state of the events table: counts per status, the READY backlog and
-the age of its oldest event, entities blocked by a FAILED or retrying event
-(with the event that blocks each), the most recent FAILED events with their
+the age of its oldest event, entities blocked by a FAILED event or one
+waiting for a retry not yet due (with the event that blocks each), the most recent FAILED events with their
 reasons, and which session holds the leader lock.
 
 With --watch, refresh every --interval until interrupted: on a terminal the

@@ -69,8 +69,7 @@ func newQueries(table, leases string, partitions int) queries {
 			  AND NOT EXISTS (
 				SELECT 1 FROM ` + table + ` b
 				WHERE b.entity_type = e.entity_type AND b.entity_id = e.entity_id AND b.seq < e.seq
-				  AND (b.event_status = 'FAILED'
-				       OR (b.event_status = 'READY' AND b.attempts > 0 AND b.available_at > now())))`
+				  AND ` + blocksSQL("b") + `)`
 	// fence is the condition on row e, its parameters numbered from n;
 	// live also requires the lease not to have expired.
 	fence := func(n int, live bool) string {
@@ -119,6 +118,19 @@ func newQueries(table, leases string, partitions int) queries {
 			  AND l.expires_at > statement_timestamp()) = cardinality($5::int[])`, leases, partitions)
 	}
 	return q
+}
+
+// blocksSQL is the condition under which the events row aliased alias
+// blocks the later events of its entity: it is FAILED, or READY and
+// waiting for a retry whose time has not come. A READY row whose retry is
+// due blocks nothing: the claim takes it, in seq order, with the entity's
+// later events. The claim, `publisher status` and the blocked-entities
+// gauge all use this one condition, so they agree on what is blocked. It
+// implies the predicate of the partial index on (entity_type, entity_id,
+// seq), which serves it.
+func blocksSQL(alias string) string {
+	return `(` + alias + `.event_status = 'FAILED' OR (` + alias + `.event_status = 'READY' AND ` +
+		alias + `.attempts > 0 AND ` + alias + `.available_at > now()))`
 }
 
 // fenceArgs are the values of the fence's parameters: the leader lock and

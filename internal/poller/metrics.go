@@ -66,7 +66,7 @@ type Metrics struct {
 	// FailedEvents is the number of FAILED events.
 	FailedEvents prometheus.Gauge
 	// BlockedEntities is the number of entities whose later events wait
-	// behind a FAILED or retrying event.
+	// behind a FAILED event or one waiting for a retry not yet due.
 	BlockedEntities prometheus.Gauge
 	// BacklogRefreshed is the Unix time of the last successful refresh of
 	// the gauges above.
@@ -122,7 +122,7 @@ func NewMetrics() *Metrics {
 		FailedEvents: gauge("outbox_failed_events",
 			"FAILED events, waiting for an operator (publisher requeue)."),
 		BlockedEntities: gauge("outbox_blocked_entities",
-			"Entities whose later events wait behind a FAILED or retrying event."),
+			"Entities whose later events wait behind a FAILED event or one waiting for a retry not yet due."),
 		BacklogRefreshed: gauge("outbox_backlog_refresh_timestamp_seconds",
 			"Unix time of the last successful refresh of the backlog gauges."),
 	}
@@ -224,8 +224,8 @@ func readBacklog(ctx context.Context, db *sql.DB, table string) (backlog, error)
 			(SELECT count(*) FROM `+table+` WHERE event_status = 'READY' AND attempts > 0),
 			(SELECT extract(epoch FROM now() - min(created_at)) FROM `+table+` WHERE event_status = 'READY'),
 			(SELECT count(*) FROM `+table+` WHERE event_status = 'FAILED'),
-			(SELECT count(*) FROM (SELECT DISTINCT entity_type, entity_id FROM `+table+`
-				WHERE event_status = 'FAILED' OR (event_status = 'READY' AND attempts > 0)) b)`).
+			(SELECT count(*) FROM (SELECT DISTINCT entity_type, entity_id FROM `+table+` e
+				WHERE `+blocksSQL("e")+`) b)`).
 		Scan(&b.Ready, &b.Retrying, &age, &b.Failed, &b.BlockedEntities)
 	if err != nil {
 		return backlog{}, fmt.Errorf("read backlog: %w", err)

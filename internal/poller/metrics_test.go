@@ -62,12 +62,7 @@ func TestMetricsFollowThePublishLoop(t *testing.T) {
 func TestHousekeepingRefreshesBacklogGauges(t *testing.T) {
 	t.Parallel()
 	b := setup(t)
-	var events []outbox.Event
-	for _, e := range []string{"a", "a", "a", "b", "b", "c"} {
-		events = append(events, outbox.Event{EntityType: "order", EntityID: e, Type: "Changed",
-			Subject: b.prefix + ".order", Data: 1})
-	}
-	b.write(t, events...)
+	b.write(t, ofEntities(b.prefix+".order", "a", "a", "a", "b", "b", "c")...)
 	// a's first event FAILED, b's first waiting for a retry (both block
 	// their entity), c's created an hour ago.
 	b.db.MustExec(`UPDATE events SET event_status = 'FAILED', attempts = 1 WHERE seq = 1`)

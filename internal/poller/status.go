@@ -36,8 +36,9 @@ type ReplicaInfo struct {
 	SeenAt     time.Time `json:"seen_at"`
 }
 
-// BlockedEntity is an entity whose oldest unpublished event is FAILED or
-// waiting for a retry, which holds back its later events.
+// BlockedEntity is an entity with an event that is FAILED or waiting for
+// a retry not yet due, which holds back its later events: the rule the
+// claim applies (a READY event whose retry is due blocks nothing).
 type BlockedEntity struct {
 	EntityType string    `json:"entity_type"`
 	EntityID   string    `json:"entity_id"`
@@ -106,12 +107,13 @@ func ReadStatus(ctx context.Context, db *sql.DB, table string, limit int) (*Stat
 		st.OldestReadyAge = &d
 	}
 
-	// An entity is blocked by its first event that is FAILED or retrying.
+	// An entity is blocked by its first event that blocks in the claim's
+	// sense: FAILED, or waiting for a retry that is not yet due.
 	blocked := `WITH blockers AS (
 			SELECT DISTINCT ON (entity_type, entity_id) entity_type, entity_id, event_id, seq,
 				event_status, attempts, coalesce(last_error, ''), available_at
-			FROM ` + t + `
-			WHERE event_status = 'FAILED' OR (event_status = 'READY' AND attempts > 0)
+			FROM ` + t + ` e
+			WHERE ` + blocksSQL("e") + `
 			ORDER BY entity_type, entity_id, seq)
 		SELECT b.*, (SELECT count(*) FROM ` + t + ` w
 			WHERE w.entity_type = b.entity_type AND w.entity_id = b.entity_id
