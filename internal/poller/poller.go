@@ -193,6 +193,7 @@ type Poller struct {
 	stmts    map[string]*sql.Stmt // prepared statements, by query
 	inflight *batch               // sent, not yet finished; see step
 	busy     bool                 // the last claim found rows
+	suspect  bool                 // a batch hit an outage: ask the broker before claiming
 
 	published, refused, failed, batches, backoffs, heldCount atomic.Int64
 	leading                                                  atomic.Bool
@@ -296,9 +297,9 @@ func (p *Poller) Run(ctx context.Context) error {
 			}
 			lastWork = time.Now()
 		}
-		n, err := 0, p.rebalanceIfDue(ctx)
+		n, healthy, err := 0, false, p.rebalanceIfDue(ctx)
 		if err == nil {
-			n, err = p.step(ctx)
+			n, healthy, err = p.step(ctx)
 		}
 		switch {
 		case errors.Is(err, errLostLeadership) && p.parts != nil && !p.lead.isLost():
@@ -324,7 +325,13 @@ func (p *Poller) Run(ctx context.Context) error {
 			p.sleep(ctx, d, nil)
 			continue
 		}
-		bo.reset()
+		if healthy {
+			// Only a batch that went through, or a look that found nothing
+			// due, ends an outage: a step that merely claimed and sent
+			// proves nothing yet, and resetting on it would keep the
+			// back-off at its minimum for the whole outage.
+			bo.reset()
+		}
 		if n > 0 {
 			lastWork = time.Now()
 		}

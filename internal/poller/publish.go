@@ -50,15 +50,15 @@ type inflight struct {
 // step is one turn of the pipeline: claim and send a new batch while the
 // previous one's acks are in flight, then finish the previous one (acks,
 // mark, commit). At most one batch is in flight between steps. It returns
-// the number of rows claimed. When the previous batch hit an outage, no new
-// batch is claimed.
-func (p *Poller) step(ctx context.Context) (int, error) {
+// the number of rows claimed, and whether the step showed the loop healthy:
+// it finished a batch without an outage, or found nothing due with nothing
+// in flight. When the previous batch hit an outage, no new batch is claimed;
+// after one, the broker is asked whether it answers before the next claim,
+// so an outage does not lock a batch on every back-off.
+func (p *Poller) step(ctx context.Context) (n int, healthy bool, err error) {
 	prev := p.inflight
 	p.inflight = nil
-	var (
-		cur *batch
-		err error
-	)
+	var cur *batch
 	select {
 	case <-p.lead.lostCh():
 		err = fmt.Errorf("heartbeat on the lock session: %w: %w", p.lead.lostErr, errLostLeadership)
@@ -68,21 +68,46 @@ func (p *Poller) step(ctx context.Context) (int, error) {
 			if prev != nil {
 				skip = prev.refusedEntities
 			}
-			cur, err = p.start(ctx, skip)
+			if err = p.brokerAnswers(ctx); err == nil {
+				cur, err = p.start(ctx, skip)
+			}
 		}
 	}
+	healthy = err == nil && prev == nil && cur == nil
 	if prev != nil {
-		err = firstErr(p.finish(ctx, prev), err)
+		ferr := p.finish(ctx, prev)
+		healthy = err == nil && ferr == nil
+		err = firstErr(ferr, err)
 	}
 	if cur == nil {
-		return 0, err
+		return 0, healthy, err
 	}
 	if err != nil {
 		// Finish what was sent before backing off.
-		return len(cur.rows), firstErr(err, p.finish(ctx, cur))
+		return len(cur.rows), false, firstErr(err, p.finish(ctx, cur))
 	}
 	p.inflight = cur
-	return len(cur.rows), nil
+	return len(cur.rows), healthy, nil
+}
+
+// brokerAnswers, after a batch hit an outage, checks that the NATS
+// connection is up and that JetStream answers an API request (account
+// info, which touches no stream), before the loop claims again. It returns
+// nil at once when no outage was seen since the last check that passed.
+func (p *Poller) brokerAnswers(ctx context.Context) error {
+	if !p.suspect || p.cfg.SkipPublish {
+		return nil
+	}
+	if st := p.cfg.NATS.Status(); st != nats.CONNECTED {
+		return fmt.Errorf("broker connection is %s", st)
+	}
+	actx, cancel := context.WithTimeout(ctx, p.cfg.AckTimeout)
+	defer cancel()
+	if _, err := p.js.AccountInfo(actx); err != nil {
+		return fmt.Errorf("ask JetStream for account info: %w", err)
+	}
+	p.suspect = false
+	return nil
 }
 
 // drain finishes the batch in flight, if any.
@@ -124,6 +149,9 @@ func (p *Poller) finish(ctx context.Context, b *batch) error {
 	bctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.cfg.AckTimeout+markGrace)
 	defer cancel()
 	acked := p.collect(bctx, b)
+	if b.outage != nil {
+		p.suspect = true
+	}
 	if err := p.mark(bctx, b.tx, acked, b.refused); err != nil {
 		return err
 	}
