@@ -51,12 +51,15 @@ import (
 // longer, it takes the sleep lock (schema.SleepLockNamespace), which turns
 // the writers' NOTIFY on, looks once more and sleeps until a NOTIFY or
 // PollInterval. If the lock cannot be taken, a writer that skipped its
-// NOTIFY is still in its transaction, and the publisher keeps polling.
+// NOTIFY is still in its transaction, and the publisher keeps polling and
+// trying the lock, after activePoll at first, then twice as long after each
+// failed try, up to PollInterval.
 //
 //	active   --idle for idleAfter, sleep lock taken-->  last look
 //	last look --found rows-->                            active (lock released)
 //	last look --nothing-->                               asleep
 //	asleep   --NOTIFY or PollInterval-->                 active (lock released)
+//	active   --idle, sleep lock not taken-->             active, polling less often
 const (
 	activePoll = time.Millisecond
 	idleAfter  = 250 * time.Millisecond
@@ -288,6 +291,9 @@ func (p *Poller) Run(ctx context.Context) error {
 	var (
 		lastWork time.Time // when a claim last found rows
 		sleeping bool      // this session holds the sleep lock
+		// lockWait is the pause after the sleep lock could not be taken;
+		// it doubles with each failed try, up to the idle poll.
+		lockWait = activePoll
 	)
 	for ctx.Err() == nil {
 		if !p.lead.leading() {
@@ -334,6 +340,7 @@ func (p *Poller) Run(ctx context.Context) error {
 		}
 		if n > 0 {
 			lastWork = time.Now()
+			lockWait = activePoll
 		}
 		switch {
 		case sleeping:
@@ -359,8 +366,14 @@ func (p *Poller) Run(ctx context.Context) error {
 				p.sleep(ctx, p.idlePoll(), wake)
 			case ok:
 				sleeping = true // look once more, then sleep
+				lockWait = activePoll
 			default:
-				p.sleep(ctx, activePoll, wake) // a writer is mid-transaction
+				// A writer that skipped its NOTIFY is mid-transaction. Its
+				// event shows up only through a poll, but the transaction may
+				// stay open for long: poll less often the longer it does, so
+				// an idle publisher costs no more than its poll interval.
+				p.sleep(ctx, lockWait, wake)
+				lockWait = min(2*lockWait, max(p.idlePoll(), activePoll))
 			}
 		}
 	}

@@ -1,11 +1,13 @@
 package poller_test
 
 import (
+	"context"
 	"log/slog"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/jmoiron/sqlx"
 	"github.com/lib/pq"
 	"github.com/stretchr/testify/require"
 
@@ -117,4 +119,67 @@ func TestDeadLockSessionDoesNotSpinOnTheSleepLock(t *testing.T) {
 	t.Logf("%d sleep-lock tries in 2 s on a dead session", tries)
 	require.Positive(t, tries, "the poller went idle and tried the sleep lock on the dead session")
 	require.Less(t, tries, 30, "sleep-lock tries in 2 s on a dead session")
+}
+
+// scans is how many scans PostgreSQL counted on the test's events table:
+// each probe and claim of the publisher makes one or more. The counts reach
+// the statistics up to a second late.
+func (b *bundle) scans(t *testing.T) int {
+	return b.db.Int(t, `SELECT coalesce(seq_scan, 0) + coalesce(idx_scan, 0) FROM pg_stat_user_tables
+		WHERE relid = to_regclass('events')`)
+}
+
+// A writer transaction that inserted an event while the publisher was busy
+// keeps the sleep lock from being taken for as long as it stays open. The
+// idle publisher polls for its commit meanwhile, but less and less often:
+// over a few seconds it queries the table about as often as an idle
+// publisher does, not every millisecond. Once the writer commits, its event
+// is published.
+func TestOpenWriterTransactionKeepsIdleCostBounded(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	cfg := fastConfig()
+	cfg.PollInterval = 500 * time.Millisecond
+	b.start(t, cfg)
+	subject := b.prefix + ".order.changed"
+
+	// Insert while the publisher does not hold the sleep lock, just after
+	// it published: the trigger then takes the lock's key shared and sends
+	// no NOTIFY.
+	var tx *sqlx.Tx
+	for try := 1; tx == nil; try++ {
+		require.LessOrEqual(t, try, 10, "the writer never found the publisher awake")
+		b.write(t, changes(subject, 1, 1)...)
+		testenv.Eventually(t, 10*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == try },
+			"try %d: the publisher publishes", try)
+		w, err := b.db.Beginx()
+		require.NoError(t, err)
+		_, err = b.w.Write(context.Background(), w, changes(subject, 1, 1)...)
+		require.NoError(t, err)
+		var skipped bool
+		require.NoError(t, w.Get(&skipped, `SELECT EXISTS (SELECT 1 FROM pg_locks
+			WHERE locktype = 'advisory' AND classid = $1::bigint::oid AND objid = to_regclass('events')
+			  AND objsubid = 2 AND mode = 'ShareLock' AND granted AND pid = pg_backend_pid())`,
+			schema.SleepLockNamespace))
+		if skipped {
+			tx = w
+			continue
+		}
+		require.NoError(t, w.Rollback()) // the publisher slept: this insert notified
+	}
+	t.Cleanup(func() { _ = tx.Rollback() })
+	published := b.db.Count(t, "SUCCESS")
+
+	// Let it go idle and find the lock taken, then count over a window.
+	time.Sleep(1500 * time.Millisecond)
+	before := b.scans(t)
+	time.Sleep(3 * time.Second)
+	n := b.scans(t) - before
+	t.Logf("%d scans of the events table in 3 s while a writer transaction stayed open", n)
+	// At the poll interval, 6 probes; polling every millisecond, thousands.
+	require.Less(t, n, 60, "scans of the events table in 3 s by an idle publisher")
+
+	require.NoError(t, tx.Commit())
+	testenv.Eventually(t, 10*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == published+1 },
+		"the event of the long transaction is published once it commits")
 }
