@@ -171,7 +171,11 @@ join or leave. An entity's events still go out in order.`)
 		}
 	}
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	if err := poller.CheckStreams(cctx, db, js, o.table, cfg.RetryHorizon(), log); err != nil {
+	var created []string
+	if o.createStream != "" {
+		created = append(created, o.createStream)
+	}
+	if err := poller.CheckStreams(cctx, db, js, o.table, cfg.RetryHorizon(), log, created...); err != nil {
 		log.Warn("could not check streams at start", "err", err)
 	}
 	cancel()

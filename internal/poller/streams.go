@@ -67,21 +67,30 @@ func (c *streamCache) lookup(ctx context.Context, subject string) (streamInfo, e
 // way that suggests the streams changed.
 func (c *streamCache) forget(subject string) { delete(c.bySub, subject) }
 
-// CheckStreams compares the subjects of READY events with the streams that
-// cover them and logs, for an operator, each subject no stream covers and
-// each covering stream whose duplicate window is shorter than horizon (the
-// longest time after which this publisher may send an event again). It
-// returns an error only when the database or JetStream cannot be asked.
-func CheckStreams(ctx context.Context, db *sql.DB, js jetstream.JetStream, table string, horizon time.Duration, log *slog.Logger) error {
+// CheckStreams compares the subjects the events table uses with the
+// streams that cover them and logs, for an operator, each subject no
+// stream covers and each covering stream whose duplicate window is shorter
+// than horizon (the longest time after which this publisher may send an
+// event again). The subjects are those of the oldest READY events and of
+// the most recent events of any status (at most checkSubjectRows rows of
+// each, checkSubjects distinct subjects), so an empty backlog still checks
+// the streams the table publishes to. streams names further streams to
+// check whatever the rows say, such as the one --create-stream made; one
+// that does not exist is warned about. It returns an error only when the
+// database or JetStream cannot be asked.
+func CheckStreams(ctx context.Context, db *sql.DB, js jetstream.JetStream, table string, horizon time.Duration, log *slog.Logger, streams ...string) error {
 	name, err := schema.ParseName(table)
 	if err != nil {
 		return err
 	}
+	t := name.Quoted()
 	rows, err := db.QueryContext(ctx, `SELECT DISTINCT event_target FROM (
-		SELECT event_target FROM `+name.Quoted()+` WHERE event_status = 'READY' ORDER BY seq LIMIT 10000) r
-		LIMIT 100`)
+		(SELECT event_target FROM `+t+` WHERE event_status = 'READY' ORDER BY seq LIMIT $1)
+		UNION ALL
+		(SELECT event_target FROM `+t+` ORDER BY seq DESC LIMIT $1)) r
+		LIMIT $2`, checkSubjectRows, checkSubjects)
 	if err != nil {
-		return fmt.Errorf("read pending subjects: %w", err)
+		return fmt.Errorf("read subjects: %w", err)
 	}
 	var subjects []string
 	for rows.Next() {
@@ -96,26 +105,53 @@ func CheckStreams(ctx context.Context, db *sql.DB, js jetstream.JetStream, table
 	if err := rows.Err(); err != nil {
 		return err
 	}
-	c := newStreamCache(js)
-	warned := map[string]bool{}
-	for _, s := range subjects {
-		si, err := c.lookup(ctx, s)
-		switch {
-		case errors.Is(err, errNoStream):
-			log.Warn("no JetStream stream covers a subject with pending events; they will be retried and then FAILED",
-				"subject", s, "fix", "create a stream for it, or run publisher with --create-stream")
-			continue
-		case err != nil:
+
+	// Asked directly rather than through the publish loop's cache: each
+	// stream's configuration is read once, here.
+	checked := map[string]bool{}
+	check := func(stream string) error {
+		if checked[stream] {
+			return nil
+		}
+		checked[stream] = true
+		s, err := js.Stream(ctx, stream)
+		if errors.Is(err, jetstream.ErrStreamNotFound) {
+			log.Warn("stream named at start does not exist", "stream", stream)
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("read stream %q: %w", stream, err)
+		}
+		if d := s.CachedInfo().Config.Duplicates; d < horizon {
+			log.Warn("stream's duplicate window is shorter than the publisher's retry horizon; a re-sent event may be stored twice (pkg/dedup still drops it)",
+				"stream", stream, "duplicate_window", d, "retry_horizon", horizon)
+		}
+		return nil
+	}
+	for _, stream := range streams {
+		if err := check(stream); err != nil {
 			return err
 		}
-		if warned[si.name] {
+	}
+	for _, subj := range subjects {
+		stream, err := js.StreamNameBySubject(ctx, subj)
+		switch {
+		case errors.Is(err, jetstream.ErrStreamNotFound):
+			log.Warn("no JetStream stream covers a subject the events table uses; its new events will be retried and then FAILED",
+				"subject", subj, "fix", "create a stream for it, or run publisher with --create-stream")
 			continue
+		case err != nil:
+			return fmt.Errorf("look up stream for %q: %w", subj, err)
 		}
-		warned[si.name] = true
-		if si.duplicates < horizon {
-			log.Warn("stream's duplicate window is shorter than the publisher's retry horizon; a re-sent event may be stored twice (pkg/dedup still drops it)",
-				"stream", si.name, "duplicate_window", si.duplicates, "retry_horizon", horizon)
+		if err := check(stream); err != nil {
+			return err
 		}
 	}
 	return nil
 }
+
+// Bounds of CheckStreams's look at the events table.
+const (
+	checkSubjectRows = 10000
+	checkSubjects    = 100
+)
