@@ -12,6 +12,7 @@ import (
 	"cmp"
 	"context"
 	"database/sql"
+	"database/sql/driver"
 	"embed"
 	"errors"
 	"fmt"
@@ -138,13 +139,58 @@ func (n Name) Replicas() Name { return n.sibling("_replicas") }
 // same name in different schemas never wake each other's publishers.
 func Channel(tableOID int64) string { return "outbox_" + strconv.FormatInt(tableOID, 10) }
 
+// BatchRows is how many rows one batch of a batched migration step changes,
+// in its own short transaction.
+const BatchRows = 5000
+
 // Migration is one numbered step of the schema, rendered for a set of
 // table names.
 type Migration struct {
 	Version int
 	Name    string
-	Up      string
-	Down    string
+	// Up is the whole up script, Steps the same split into transactions.
+	Up    string
+	Steps []Step
+	Down  string
+}
+
+// Step is one transaction of an up migration. Most migrations are one step.
+// A migration that must not hold a lock on a big table for long splits its
+// file into steps with lines starting "-- outbox:step" (a plain step) or
+// "-- outbox:batched" (a batched step).
+//
+// A batched step is a query taking one bigint parameter and returning one
+// bigint: Migrate runs it with 0, then again, each time in its own
+// transaction, with the value it returned last, until it returns NULL. It
+// is how a table is converted in bounded batches (the value is the last
+// key done).
+type Step struct {
+	SQL     string
+	Batched bool
+}
+
+// stepMarker starts a line that begins a new step.
+const stepMarker = "-- outbox:"
+
+// splitSteps cuts an up script into its steps.
+func splitSteps(path, up string) ([]Step, error) {
+	steps := []Step{{}}
+	for line := range strings.Lines(up) {
+		if !strings.HasPrefix(line, stepMarker) {
+			steps[len(steps)-1].SQL += line
+			continue
+		}
+		switch kind := strings.TrimSpace(strings.TrimPrefix(line, stepMarker)); kind {
+		case "step", "batched":
+			steps = append(steps, Step{Batched: kind == "batched"})
+		default:
+			return nil, fmt.Errorf("%s: unknown step kind %q", path, kind)
+		}
+	}
+	if steps[len(steps)-1].Batched {
+		return nil, fmt.Errorf("%s: the last step must not be batched: it records the version", path)
+	}
+	return steps, nil
 }
 
 // Migrations returns every migration in version order, rendered for t.
@@ -174,7 +220,11 @@ func Migrations(t Tables) ([]Migration, error) {
 		if err != nil {
 			return nil, err
 		}
-		out = append(out, Migration{Version: v, Name: name, Up: up, Down: down})
+		steps, err := splitSteps(p, up)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, Migration{Version: v, Name: name, Up: up, Steps: steps, Down: down})
 	}
 	return out, nil
 }
@@ -195,6 +245,11 @@ func templateVars(t Tables) map[string]string {
 		"NotifyFunc":       ev.sibling("_notify").Quoted(),
 		"SleepNamespace":   strconv.Itoa(SleepLockNamespace),
 		"ProcessedAtIndex": pq.QuoteIdentifier(pr.Table + "_processed_at_idx"),
+		"DataCopyTrigger":  pq.QuoteIdentifier(ev.Table + "_data_copy"),
+		"DataCopyFunc":     ev.sibling("_data_copy").Quoted(),
+		"DataBackfillFunc": ev.sibling("_data_backfill").Quoted(),
+		"DataCheck":        pq.QuoteIdentifier(ev.Table + "_data_not_null"),
+		"BatchSize":        strconv.Itoa(BatchRows),
 	}
 }
 
@@ -217,34 +272,55 @@ func render(path string, vars map[string]string) (string, error) {
 // migrateLockKey serialises concurrent Migrate calls on one database.
 const migrateLockKey = 0x6f7574626f78 // "outbox"
 
-// Migrate applies, in one transaction, every migration not yet recorded in
-// the migrations table, and returns the versions it applied (none when the
-// schema is current). Concurrent callers are serialised by an advisory lock,
-// so running it from several processes at once is safe.
+// Migrate applies every migration not yet recorded in the migrations
+// table, in version order, and returns the versions it applied (none when
+// the schema is current). It is MigrateTo with no target.
 func Migrate(ctx context.Context, db *sql.DB, t Tables) ([]int, error) {
+	return MigrateTo(ctx, db, t, 0)
+}
+
+// MigrateTo applies the migrations not yet recorded, up to and including
+// version target (0 means all), and returns the versions it applied.
+//
+// Each migration commits on its own, recording its version in the same
+// transaction as its last step: a migration split into steps (see Step)
+// runs one transaction per step and per batch, so a big table is converted
+// without a long lock, and a migration interrupted halfway resumes where it
+// stopped on the next call. Concurrent callers are serialised by an
+// advisory lock held for the whole call, so running it from several
+// processes at once is safe: the others wait, then find nothing to do.
+func MigrateTo(ctx context.Context, db *sql.DB, t Tables, target int) ([]int, error) {
 	migrations, err := Migrations(t)
 	if err != nil {
 		return nil, err
 	}
 	versions, _ := ParseName(t.WithDefaults().Migrations)
 
-	tx, err := db.BeginTx(ctx, nil)
+	conn, err := db.Conn(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("begin migration: %w", err)
+		return nil, fmt.Errorf("connect for migration: %w", err)
 	}
-	defer tx.Rollback() //nolint:errcheck // no-op after commit
-
-	if _, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock($1)`, migrateLockKey); err != nil {
+	defer conn.Close()
+	if _, err := conn.ExecContext(ctx, `SELECT pg_advisory_lock($1)`, migrateLockKey); err != nil {
 		return nil, fmt.Errorf("lock migrations: %w", err)
 	}
-	if _, err := tx.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS `+versions.Quoted()+` (
+	defer func() {
+		_, err := conn.ExecContext(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1)`, migrateLockKey)
+		if err != nil {
+			// Never hand a connection that may still hold the lock back
+			// to the pool: closing it releases the lock.
+			_ = conn.Raw(func(any) error { return driver.ErrBadConn })
+		}
+	}()
+
+	if _, err := conn.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS `+versions.Quoted()+` (
 		version    integer     PRIMARY KEY,
 		name       text        NOT NULL,
 		applied_at timestamptz NOT NULL DEFAULT now())`); err != nil {
 		return nil, fmt.Errorf("create migrations table: %w", err)
 	}
 	applied := map[int]bool{}
-	rows, err := tx.QueryContext(ctx, `SELECT version FROM `+versions.Quoted())
+	rows, err := conn.QueryContext(ctx, `SELECT version FROM `+versions.Quoted())
 	if err != nil {
 		return nil, fmt.Errorf("read applied migrations: %w", err)
 	}
@@ -263,25 +339,56 @@ func Migrate(ctx context.Context, db *sql.DB, t Tables) ([]int, error) {
 
 	var done []int
 	for _, m := range migrations {
-		if applied[m.Version] {
+		if applied[m.Version] || target > 0 && m.Version > target {
 			continue
 		}
-		if _, err := tx.ExecContext(ctx, m.Up); err != nil {
-			return nil, fmt.Errorf("apply migration %04d_%s: %w", m.Version, m.Name, err)
-		}
-		if _, err := tx.ExecContext(ctx, `INSERT INTO `+versions.Quoted()+` (version, name) VALUES ($1, $2)`, m.Version, m.Name); err != nil {
-			return nil, fmt.Errorf("record migration %04d: %w", m.Version, err)
+		if err := apply(ctx, conn, m, versions); err != nil {
+			return done, fmt.Errorf("apply migration %04d_%s: %w", m.Version, m.Name, err)
 		}
 		done = append(done, m.Version)
-	}
-	if err := tx.Commit(); err != nil {
-		return nil, fmt.Errorf("commit migrations: %w", err)
 	}
 	return done, nil
 }
 
+// apply runs the steps of m on conn, each in its own transaction, and
+// records m's version with the last one.
+func apply(ctx context.Context, conn *sql.Conn, m Migration, versions Name) error {
+	for i, s := range m.Steps {
+		if s.Batched {
+			// Outside a transaction block each call commits on its own.
+			for after := (sql.NullInt64{Valid: true}); after.Valid; {
+				if err := conn.QueryRowContext(ctx, s.SQL, after.Int64).Scan(&after); err != nil {
+					return fmt.Errorf("step %d, batch after %d: %w", i+1, after.Int64, err)
+				}
+			}
+			continue
+		}
+		tx, err := conn.BeginTx(ctx, nil)
+		if err != nil {
+			return fmt.Errorf("step %d: %w", i+1, err)
+		}
+		if _, err := tx.ExecContext(ctx, s.SQL); err != nil {
+			tx.Rollback() //nolint:errcheck
+			return fmt.Errorf("step %d: %w", i+1, err)
+		}
+		if i == len(m.Steps)-1 {
+			if _, err := tx.ExecContext(ctx, `INSERT INTO `+versions.Quoted()+` (version, name) VALUES ($1, $2)`, m.Version, m.Name); err != nil {
+				tx.Rollback() //nolint:errcheck
+				return fmt.Errorf("record version: %w", err)
+			}
+		}
+		if err := tx.Commit(); err != nil {
+			return fmt.Errorf("step %d: commit: %w", i+1, err)
+		}
+	}
+	return nil
+}
+
 // Script returns every up migration as one SQL script, for users who apply
 // migrations with their own tool. It does not create the migrations table.
+// A batched step becomes a loop in a DO block, so the script is correct
+// when run as a whole, but each such loop then runs in one transaction: on
+// a big table, run the steps as Migrate does (see Step) instead.
 func Script(t Tables) (string, error) {
 	migrations, err := Migrations(t)
 	if err != nil {
@@ -289,7 +396,19 @@ func Script(t Tables) (string, error) {
 	}
 	var b strings.Builder
 	for _, m := range migrations {
-		fmt.Fprintf(&b, "-- %04d_%s\n%s\n", m.Version, m.Name, m.Up)
+		fmt.Fprintf(&b, "-- %04d_%s\n", m.Version, m.Name)
+		for _, s := range m.Steps {
+			if !s.Batched {
+				b.WriteString(s.SQL)
+				continue
+			}
+			query := strings.TrimSuffix(strings.TrimSpace(s.SQL), ";")
+			fmt.Fprintf(&b, "-- batched: run until it returns NULL, starting from 0\n"+
+				"DO $outbox$\nDECLARE after bigint := 0;\nBEGIN\n"+
+				"    WHILE after IS NOT NULL LOOP\n        after := (%s);\n    END LOOP;\nEND\n$outbox$;\n\n",
+				strings.ReplaceAll(query, "$1", "after"))
+		}
+		b.WriteString("\n")
 	}
 	return b.String(), nil
 }

@@ -215,7 +215,7 @@ func TestMigrate(t *testing.T) {
 
 		applied, err := schema.Migrate(ctx, db, schema.Tables{})
 		require.NoError(t, err)
-		require.Equal(t, []int{1, 2}, applied)
+		require.Equal(t, []int{1, 2, 3}, applied)
 		for _, name := range []string{"events", "processed_message", "events_migrations",
 			"events_seq_idx", "events_ready_idx", "events_entity_idx",
 			"processed_message_processed_at_idx", "events_notify()", "events_leases", "events_replicas"} {
@@ -230,7 +230,7 @@ func TestMigrate(t *testing.T) {
 			recorded = append(recorded, v)
 		}
 		require.NoError(t, rows.Err())
-		require.Equal(t, []int{1, 2}, recorded)
+		require.Equal(t, []int{1, 2, 3}, recorded)
 
 		applied, err = schema.Migrate(ctx, db, schema.Tables{})
 		require.NoError(t, err)
@@ -258,7 +258,7 @@ func TestMigrate(t *testing.T) {
 			require.NoError(t, errs[i], "caller %d", i)
 			switch {
 			case len(applied[i]) == 0:
-			case slices.Equal(applied[i], []int{1, 2}):
+			case slices.Equal(applied[i], []int{1, 2, 3}):
 				once++
 			default:
 				t.Fatalf("caller %d applied %v", i, applied[i])
@@ -276,7 +276,7 @@ func TestMigrate(t *testing.T) {
 		// tables in the test's schema.
 		applied, err := schema.Migrate(ctx, admin, tables)
 		require.NoError(t, err)
-		require.Equal(t, []int{1, 2}, applied)
+		require.Equal(t, []int{1, 2, 3}, applied)
 		for _, rel := range []string{"my_events", "my_processed", "my_events_migrations", "my_events_ready_idx", "my_events_notify()", "my_events_leases"} {
 			require.True(t, exists(t, admin, name+"."+rel), "%s.%s is missing", name, rel)
 		}
@@ -297,7 +297,7 @@ func TestMigrate(t *testing.T) {
 		db := testenv.NewDB(t) // already holds the default tables
 		applied, err := schema.Migrate(ctx, db.DB.DB, schema.Tables{Events: "my_events", Processed: "my_processed"})
 		require.NoError(t, err)
-		require.Equal(t, []int{1, 2}, applied, "custom tables keep their own version record")
+		require.Equal(t, []int{1, 2, 3}, applied, "custom tables keep their own version record")
 		require.True(t, exists(t, db.DB.DB, "my_events"))
 		require.True(t, exists(t, db.DB.DB, "events"))
 	})
@@ -413,4 +413,82 @@ func TestNameQuotedRoundTripsThroughPostgres(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestMigrateConvertsPayloadsToBytes: migration 0003 turns event_data of a
+// populated version-2 table into bytea in batches, each row keeping the
+// bytes consumers were sent until then (jsonb's text), and resumes when
+// stopped after its first step.
+func TestMigrateConvertsPayloadsToBytes(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	db, _, _ := newSchema(t)
+
+	applied, err := schema.MigrateTo(ctx, db, schema.Tables{}, 2)
+	require.NoError(t, err)
+	require.Equal(t, []int{1, 2}, applied)
+	rows := 2*schema.BatchRows + 7 // three batches
+	_, err = db.Exec(`INSERT INTO events (event_id, event_target, event_type, entity_type, entity_id, event_data, event_status)
+		SELECT gen_random_uuid(), 'order.Changed', 'Changed', 'order', 'o-' || (i % 10),
+			jsonb_build_object('i', i, 'zeta', 'é', 'alpha', 1.50), (ARRAY['READY', 'SUCCESS', 'FAILED'])[1 + i % 3]
+		FROM generate_series(1, $1) i`, rows)
+	require.NoError(t, err)
+	want := map[string]string{}
+	read := func(query string) map[string]string {
+		got := map[string]string{}
+		r, err := db.Query(query)
+		require.NoError(t, err)
+		defer r.Close()
+		for r.Next() {
+			var id, data string
+			require.NoError(t, r.Scan(&id, &data))
+			got[id] = data
+		}
+		require.NoError(t, r.Err())
+		return got
+	}
+	want = read(`SELECT event_id, event_data::text FROM events`)
+	require.Len(t, want, rows)
+
+	// Stop after the first step, as a migration interrupted there would;
+	// a row written meanwhile by a writer still on jsonb is copied by the
+	// trigger.
+	ms, err := schema.Migrations(schema.Tables{})
+	require.NoError(t, err)
+	require.Greater(t, len(ms[2].Steps), 1, "0003 runs in steps")
+	_, err = db.Exec(ms[2].Steps[0].SQL)
+	require.NoError(t, err)
+	var late string
+	require.NoError(t, db.QueryRow(`INSERT INTO events (event_id, event_target, event_type, entity_type, entity_id, event_data)
+		VALUES (gen_random_uuid(), 'order.Changed', 'Changed', 'order', 'late', '{"b": 1, "a": 2}')
+		RETURNING event_id`).Scan(&late))
+	want[late] = `{"a": 2, "b": 1}`
+
+	applied, err = schema.Migrate(ctx, db, schema.Tables{})
+	require.NoError(t, err)
+	require.Equal(t, []int{3}, applied)
+
+	var typ string
+	var notNull bool
+	require.NoError(t, db.QueryRow(`SELECT format_type(atttypid, atttypmod), attnotnull FROM pg_attribute
+		WHERE attrelid = 'events'::regclass AND attname = 'event_data'`).Scan(&typ, &notNull))
+	require.Equal(t, "bytea", typ)
+	require.True(t, notNull, "event_data stays NOT NULL")
+	require.Equal(t, want, read(`SELECT event_id, convert_from(event_data, 'UTF8') FROM events`))
+	for _, gone := range []string{"events_data_copy()", "events_data_backfill(bigint)"} {
+		var ok bool
+		require.NoError(t, db.QueryRow(`SELECT to_regprocedure($1) IS NOT NULL`, gone).Scan(&ok))
+		require.False(t, ok, "%s is left behind", gone)
+	}
+	var leftovers int
+	require.NoError(t, db.QueryRow(`SELECT (SELECT count(*) FROM pg_attribute WHERE attrelid = 'events'::regclass
+			AND attname = 'event_data_new' AND NOT attisdropped)
+		+ (SELECT count(*) FROM pg_constraint WHERE conrelid = 'events'::regclass AND conname = 'events_data_not_null')
+		+ (SELECT count(*) FROM pg_trigger WHERE tgrelid = 'events'::regclass AND tgname = 'events_data_copy')`).Scan(&leftovers))
+	require.Zero(t, leftovers, "temporary column, check or trigger left behind")
+
+	// Down converts back to jsonb.
+	_, err = db.Exec(ms[2].Down)
+	require.NoError(t, err)
+	require.Equal(t, want, read(`SELECT event_id, event_data::text FROM events`))
 }

@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"encoding/json"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/google/uuid"
@@ -30,7 +31,8 @@ type Record struct {
 	Type        string
 	EntityType  string
 	EntityID    string
-	Data        json.RawMessage
+	Data        []byte // exactly as written
+	ContentType string // Event.ContentType; empty for JSON
 	Headers     map[string]string
 	Status      Status
 	Attempts    int
@@ -76,6 +78,11 @@ func (w *Writer) History(ctx context.Context, q Queryer, entityType, entityID st
 		}
 		if err := json.Unmarshal(headers, &r.Headers); err != nil {
 			return nil, fmt.Errorf("outbox: read history: headers of %s: %w", r.ID, err)
+		}
+		for k, v := range r.Headers {
+			if strings.EqualFold(k, HeaderContentType) {
+				r.ContentType = v
+			}
 		}
 		out = append(out, r)
 	}

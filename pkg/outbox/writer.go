@@ -40,10 +40,18 @@ type Event struct {
 	// Subject is the NATS subject to publish to. Empty means
 	// "<EntityType>.<Type>".
 	Subject string
-	// Data is the payload. json.RawMessage and []byte are stored as they
-	// are and must be valid JSON; any other value is marshalled with
-	// encoding/json.
+	// Data is the payload, stored and published byte for byte: a consumer
+	// receives exactly these bytes. For JSON (ContentType empty or a JSON
+	// type), json.RawMessage and []byte are kept as they are and must be
+	// valid JSON; any other value is marshalled with encoding/json. For any
+	// other content type Data must be []byte, and is not looked into.
 	Data any
+	// ContentType is the payload's media type, such as
+	// "application/protobuf" or "application/avro". Empty means JSON, and
+	// no header is added; otherwise the event carries it in a
+	// "Content-Type" header (HeaderContentType). A Content-Type entry in
+	// Headers counts the same; the two must not disagree.
+	ContentType string
 	// Headers are extra NATS headers. Names starting with "Nats-" or
 	// "Outbox-" are reserved. Write adds the trace context of its ctx (see
 	// Config.Propagator) unless Headers already holds one.
@@ -108,8 +116,8 @@ func NewWriter(cfg Config) (*Writer, error) {
 		prop:     cfg.Propagator,
 		insert: `INSERT INTO ` + table.Quoted() + `
 			(event_id, event_target, event_type, entity_type, entity_id, event_data, headers)
-			SELECT id, target, typ, etype, eid, data::jsonb, hdrs::jsonb
-			FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])
+			SELECT id, target, typ, etype, eid, data, hdrs::jsonb
+			FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[], $7::text[])
 				WITH ORDINALITY AS e(id, target, typ, etype, eid, data, hdrs, ord)
 			ORDER BY ord`,
 	}, nil
@@ -133,12 +141,16 @@ func (w *Writer) Write(ctx context.Context, tx Execer, events ...Event) ([]uuid.
 		types   = make([]string, n)
 		etypes  = make([]string, n)
 		eids    = make([]string, n)
-		data    = make([]string, n)
+		data    = make([][]byte, n)
 		headers = make([]string, n)
 	)
 	trace := w.traceOf(ctx)
 	for i, ev := range events {
 		ev.Headers = trace.apply(ev.Headers)
+		ev, err := withContentType(i, ev)
+		if err != nil {
+			return nil, err
+		}
 		p, err := w.prepare(i, ev)
 		if err != nil {
 			return nil, err
@@ -149,14 +161,14 @@ func (w *Writer) Write(ctx context.Context, tx Execer, events ...Event) ([]uuid.
 		}
 		ids[i], idText[i] = id, id.String()
 		targets[i], types[i], etypes[i], eids[i] = p.subject, ev.Type, ev.EntityType, ev.EntityID
-		data[i], headers[i] = string(p.data), string(p.headers)
+		data[i], headers[i] = p.data, string(p.headers)
 	}
 	if tx == nil {
 		return nil, errors.New("outbox: Write needs a transaction, got nil")
 	}
 	_, err := tx.ExecContext(ctx, w.insert,
 		pq.Array(idText), pq.Array(targets), pq.Array(types), pq.Array(etypes),
-		pq.Array(eids), pq.Array(data), pq.Array(headers))
+		pq.Array(eids), pq.ByteaArray(data), pq.Array(headers))
 	if err != nil {
 		return nil, fmt.Errorf("outbox: insert %d events: %w", n, err)
 	}
