@@ -45,12 +45,13 @@ type queries struct {
 //
 // Claim, in one transaction that stays open until the mark:
 //
-//  1. take the barrier keys shared (see leader.go and leases.go), bound how
-//     long the transaction may sit idle, so a frozen leader's row locks
-//     expire, and commit asynchronously: a mark lost in a database crash
-//     only means the rows are sent again, which Nats-Msg-Id and pkg/dedup
-//     absorb;
-//  2. select READY rows that are due, in seq order, skipping rows locked by
+//  1. bound how long the transaction may wait for a lock and sit idle, so
+//     a frozen leader's row locks expire (claimLimits, in a statement of its
+//     own, before anything waits: bounds.go);
+//  2. take the barrier keys shared (see leader.go and leases.go) and commit
+//     asynchronously: a mark lost in a database crash only means the rows
+//     are sent again, which Nats-Msg-Id and pkg/dedup absorb;
+//  3. select READY rows that are due, in seq order, skipping rows locked by
 //     anyone else and rows whose entity has an earlier event that is FAILED
 //     or waiting for a retry (attempts > 0, available_at in the future);
 //     the fence makes the select empty when this process lost leadership,
@@ -87,9 +88,8 @@ func newQueries(table, leases string, partitions int) queries {
 	}
 	q := queries{
 		begin: `SELECT pg_advisory_xact_lock_shared($1, $2::bigint::oid::int),
-			set_config('idle_in_transaction_session_timeout', $3, true),
 			set_config('synchronous_commit', 'off', true),
-			(SELECT count(pg_advisory_xact_lock_shared(` + partitionKeySQL(2, "k") + `)) FROM unnest($4::int[]) k)`,
+			(SELECT count(pg_advisory_xact_lock_shared(` + partitionKeySQL(2, "k") + `)) FROM unnest($3::int[]) k)`,
 		probe: `SELECT EXISTS (SELECT 1 FROM ` + table + ` e WHERE ` + due + `)`,
 		claim: `SELECT e.event_id, e.seq, e.event_target, e.event_type, e.entity_type, e.entity_id,
 				e.event_data, e.headers, e.attempts, e.created_at
@@ -189,14 +189,20 @@ func (p *Poller) claim(ctx context.Context, limit int, probe bool) (*sql.Tx, []r
 	if err != nil {
 		return nil, nil, fmt.Errorf("begin claim: %w", err)
 	}
-	idle := fmt.Sprintf("%dms", p.idleInTx().Milliseconds())
-	begin, err := p.stmt(ctx, tx, p.q.begin)
+	limits, err := p.stmt(ctx, tx, setLimitsSQL)
+	if err == nil {
+		_, err = limits.ExecContext(ctx, p.claimLimits().args()...)
+	}
+	var begin *sql.Stmt
+	if err == nil {
+		begin, err = p.stmt(ctx, tx, p.q.begin)
+	}
 	if err == nil {
 		ns := barrierNamespace
 		if p.parts != nil {
 			ns = partsBarrierNamespace
 		}
-		_, err = begin.ExecContext(ctx, ns, p.tableOID, idle, pq.Array(held))
+		_, err = begin.ExecContext(ctx, ns, p.tableOID, pq.Array(held))
 	}
 	if err != nil {
 		tx.Rollback() //nolint:errcheck

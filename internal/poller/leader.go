@@ -61,6 +61,9 @@ type leader struct {
 	tableOID  int64
 	heartbeat time.Duration
 	timeout   time.Duration
+	// waitMax bounds every statement and lock wait of the lock session:
+	// the barrier may wait that long for a frozen leader's claim.
+	waitMax time.Duration
 	// shared: a partitioned publisher, which holds the leader lock shared
 	// with its peers, and renews its leases with renew (run with renewArgs)
 	// on every heartbeat.
@@ -143,7 +146,10 @@ func (l *leader) connect(ctx context.Context) error {
 	if _, err := conn.ExecContext(ctx, `SELECT set_config('tcp_keepalives_idle', $1, false),
 			set_config('tcp_keepalives_interval', '1', false),
 			set_config('tcp_keepalives_count', '3', false),
-			set_config('application_name', 'pgnats-outbox leader', false)`, secs); err != nil {
+			set_config('lock_timeout', $2, false),
+			set_config('statement_timeout', $2, false),
+			set_config('idle_in_transaction_session_timeout', $2, false),
+			set_config('application_name', 'pgnats-outbox leader', false)`, secs, pgDuration(l.waitMax)); err != nil {
 		l.disconnect()
 		return fmt.Errorf("configure leader connection: %w", err)
 	}

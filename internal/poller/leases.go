@@ -68,6 +68,11 @@ import (
 //     of its share that are free or expired;
 //  4. try the barrier of each pending partition.
 //
+// A round that fails (a peer frozen while it holds the round's lock, say:
+// the wait for it times out, bounds.go) is logged and tried again after a
+// growing pause, up to a lease time; meanwhile the loop goes on publishing
+// the leases it holds, which the heartbeat keeps renewing.
+//
 // A joining publisher has its share within two rounds, once the others have
 // seen it and let go. The share of a publisher that stops is taken within a
 // round; of one that dies, once its leases expire.
@@ -107,7 +112,8 @@ type partitions struct {
 	held     []int // sorted; what claims may read
 	pending  []int // leased, barrier not passed yet
 	next     time.Time
-	conflict bool // another partition count holds leases; logged
+	retry    backoff // between failed rounds
+	conflict bool    // another partition count holds leases; logged
 }
 
 // defaultReplicaID names a publisher process: host, pid and a random
@@ -165,7 +171,10 @@ func (p *Poller) rebalance(ctx context.Context) error {
 		}
 	}
 
-	tx, err := p.db.BeginTx(ctx, nil)
+	// Bounded (bounds.go): a round frozen while it holds the round's lock
+	// ends within LeaderTimeout/2, and a round waiting for it gives up
+	// after LeaderTimeout/5.
+	tx, err := p.beginLimited(ctx, p.leaseLimits())
 	if err != nil {
 		return fmt.Errorf("rebalance: %w", err)
 	}
@@ -175,9 +184,8 @@ func (p *Poller) rebalance(ctx context.Context) error {
 		what, sql string
 		args      []any
 	}{
-		{"lock", `SELECT pg_advisory_xact_lock($1, $2::bigint::oid::int),
-			set_config('lock_timeout', $3, true)`,
-			[]any{rebalanceNamespace, p.tableOID, fmt.Sprintf("%dms", (2 * p.idleInTx()).Milliseconds())}},
+		{"lock", `SELECT pg_advisory_xact_lock($1, $2::bigint::oid::int)`,
+			[]any{rebalanceNamespace, p.tableOID}},
 		{"register", `INSERT INTO ` + pt.replicas + ` (replica_id, partitions) VALUES ($1, $2)
 			ON CONFLICT (replica_id) DO UPDATE SET partitions = excluded.partitions, seen_at = now()`,
 			[]any{pt.id, pt.count}},
@@ -295,8 +303,19 @@ func (p *Poller) leave(ctx context.Context) {
 	p.cfg.Metrics.partitionsHeld(0)
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.cfg.LeaderTimeout)
 	defer cancel()
-	if _, err := p.db.ExecContext(ctx, `WITH gone AS (DELETE FROM `+pt.replicas+` WHERE replica_id = $1)
-		DELETE FROM `+pt.leases+` WHERE owner = $1`, pt.id); err != nil {
+	err := func() error {
+		tx, err := p.beginLimited(ctx, p.leaseLimits())
+		if err != nil {
+			return err
+		}
+		defer tx.Rollback() //nolint:errcheck // no-op after commit
+		if _, err := tx.ExecContext(ctx, `WITH gone AS (DELETE FROM `+pt.replicas+` WHERE replica_id = $1)
+			DELETE FROM `+pt.leases+` WHERE owner = $1`, pt.id); err != nil {
+			return err
+		}
+		return tx.Commit()
+	}()
+	if err != nil {
 		p.log.Warn("release leases; they expire on their own", "err", err)
 	}
 }

@@ -2,6 +2,9 @@ package poller_test
 
 import (
 	"fmt"
+	"io"
+	"log/slog"
+	"strings"
 	"testing"
 	"time"
 
@@ -205,4 +208,48 @@ func TestLeasesOfAnEarlierLifeAreClaimed(t *testing.T) {
 	testenv.Eventually(t, 20*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == len(events) },
 		"all events SUCCESS")
 	requireOnceInOrder(t, b.received(t), len(events))
+}
+
+// A replica frozen inside its lease round holds the round's lock in an
+// open transaction (here the test holds it, as such a replica would). The
+// others' rounds must time out instead of waiting for it, and they must go
+// on publishing the leases they hold; once the lock is free, rounds resume
+// and a replica that joined meanwhile gets its share.
+func TestFrozenLeaseRoundStallsNobody(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	const count = 4
+	var logs testenv.SyncBuffer
+	cfg := partitioned(count, "r1")
+	cfg.Logger = slog.New(slog.NewTextHandler(io.MultiWriter(testWriter{t}, &logs), nil))
+	r1 := b.replica(t, cfg)
+	requireShares(t, b, []replica{r1}, count)
+
+	frozen, err := b.db.Beginx()
+	require.NoError(t, err)
+	t.Cleanup(func() { frozen.Rollback() }) //nolint:errcheck
+	_, err = frozen.Exec(`SELECT pg_advisory_xact_lock(x'6f627835'::int, 'events'::regclass::oid::int)`)
+	require.NoError(t, err)
+	waiting := func() bool {
+		return b.db.Int(t, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+			AND classid = x'6f627835'::int::oid AND objid = 'events'::regclass::oid AND objsubid = 2`) > 0
+	}
+	testenv.Eventually(t, 10*time.Second, waiting, "r1's next lease round waits for the frozen one")
+
+	r2 := b.replica(t, partitioned(count, "r2"))
+	events := changes(b.prefix+".order.changed", 20, 5)
+	b.write(t, events...)
+	testenv.Eventually(t, 20*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == len(events) },
+		"r1 publishes the partitions it holds while lease rounds cannot run")
+	testenv.Eventually(t, 10*time.Second, func() bool { return strings.Contains(logs.String(), "lease round failed") },
+		"r1's lease round times out")
+	require.Zero(t, r2.Stats().Partitions, "no lease is taken while the round's lock is held")
+
+	require.NoError(t, frozen.Rollback())
+	requireShares(t, b, []replica{r1, r2}, count/2, count/2)
+	more := changes(b.prefix+".order.changed", 20, 5)
+	b.write(t, more...)
+	testenv.Eventually(t, 20*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == len(events)+len(more) },
+		"both replicas publish once rounds resume")
+	requireOnceInOrder(t, b.received(t), len(events)+len(more))
 }

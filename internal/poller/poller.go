@@ -229,12 +229,14 @@ func New(cfg Config) (*Poller, error) {
 		stmts:   map[string]*sql.Stmt{},
 		log:     cfg.Logger,
 	}
+	p.lead.waitMax = 2 * p.idleInTx()
 	if cfg.Metrics != nil {
 		cfg.Metrics.PartitionsConfigured.Set(float64(cfg.Partitions))
 	}
 	if cfg.Partitions > 0 {
 		p.parts = &partitions{count: cfg.Partitions, id: cfg.ReplicaID,
-			leases: table.Leases().Quoted(), replicas: table.Replicas().Quoted()}
+			leases: table.Leases().Quoted(), replicas: table.Replicas().Quoted(),
+			retry: backoff{min: cfg.LeaderTimeout / 5, max: cfg.LeaderTimeout}}
 		p.lead.shared = true
 		p.lead.renew = p.parts.renewSQL()
 		p.lead.renewArgs = []any{cfg.ReplicaID, p.leaseTTL().Milliseconds()}
@@ -303,10 +305,8 @@ func (p *Poller) Run(ctx context.Context) error {
 			}
 			lastWork = time.Now()
 		}
-		n, healthy, err := 0, false, p.rebalanceIfDue(ctx)
-		if err == nil {
-			n, healthy, err = p.step(ctx)
-		}
+		p.rebalanceIfDue(ctx)
+		n, healthy, err := p.step(ctx)
 		switch {
 		case errors.Is(err, errLostLeadership) && p.parts != nil && !p.lead.isLost():
 			// A lease, or the lock session before the heartbeat has seen
@@ -384,12 +384,23 @@ func (p *Poller) Run(ctx context.Context) error {
 	return nil
 }
 
-// rebalanceIfDue runs a lease round when one is due (partitioned mode).
-func (p *Poller) rebalanceIfDue(ctx context.Context) error {
-	if p.parts == nil || time.Now().Before(p.parts.next) {
-		return nil
+// rebalanceIfDue runs a lease round when one is due (partitioned mode). A
+// round that fails is logged and postponed; it never stops the loop from
+// publishing the leases it holds (the claim's fence checks each of them).
+func (p *Poller) rebalanceIfDue(ctx context.Context) {
+	pt := p.parts
+	if pt == nil || time.Now().Before(pt.next) {
+		return
 	}
-	return p.rebalance(ctx)
+	err := p.rebalance(ctx)
+	switch {
+	case err == nil:
+		pt.retry.reset()
+	case ctx.Err() == nil:
+		d := pt.retry.next()
+		pt.next = time.Now().Add(d)
+		p.log.Warn("lease round failed; publishing the leases held", "err", err, "held", len(pt.held), "retry_in", d)
+	}
 }
 
 // idlePoll is how long an idle publisher waits for a NOTIFY: the poll

@@ -1,0 +1,73 @@
+package poller
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"time"
+)
+
+// Bounds on every wait. A publisher frozen inside a transaction (SIGSTOP,
+// a VM pause, a long GC pause) holds that transaction's locks; a publisher
+// waiting for one of them stops publishing while it waits. So every
+// transaction the loop opens first sets, in a statement of its own (a
+// setting changed in the statement that waits does not apply to that
+// wait), how long it may wait for a lock, run a statement and sit idle:
+//
+//	transaction  lock_timeout      statement_timeout  idle_in_transaction_session_timeout
+//	claim        LeaderTimeout/5   idleInTx           idleInTx (it waits for acks)
+//	lease round  LeaderTimeout/5   LeaderTimeout      LeaderTimeout/2
+//	leave        LeaderTimeout/5   LeaderTimeout      LeaderTimeout/2
+//
+// A claim or a lease round that times out is an error like any other: the
+// claim backs the loop off, a failed lease round only postpones the next
+// one (Run keeps publishing the leases held). The lock session (leader.go)
+// sets session-wide bounds when it connects, before it takes any lock.
+type txLimits struct {
+	lock, statement, idle time.Duration
+}
+
+// setLimitsSQL applies txLimits to the current transaction only.
+const setLimitsSQL = `SELECT set_config('lock_timeout', $1, true),
+	set_config('statement_timeout', $2, true),
+	set_config('idle_in_transaction_session_timeout', $3, true)`
+
+// args are the values of setLimitsSQL's parameters.
+func (l txLimits) args() []any {
+	return []any{pgDuration(l.lock), pgDuration(l.statement), pgDuration(l.idle)}
+}
+
+// pgDuration formats d as a PostgreSQL time setting, at least 1 ms (0 would
+// turn the bound off).
+func pgDuration(d time.Duration) string {
+	return fmt.Sprintf("%dms", max(1, d.Milliseconds()))
+}
+
+// claimLimits bound a claim transaction. It may sit idle while its batch
+// waits for acks, so only idleInTx ends a frozen one.
+func (p *Poller) claimLimits() txLimits {
+	return txLimits{lock: p.lockWait(), statement: p.idleInTx(), idle: p.idleInTx()}
+}
+
+// leaseLimits bound a lease round or a leave: short statements, nothing to
+// wait for in between, so a frozen one ends within LeaderTimeout/2.
+func (p *Poller) leaseLimits() txLimits {
+	return txLimits{lock: p.lockWait(), statement: p.cfg.LeaderTimeout, idle: p.cfg.LeaderTimeout / 2}
+}
+
+// lockWait is the longest a statement of the loop waits for a lock. Locks
+// the loop contends for are held for milliseconds by a live publisher.
+func (p *Poller) lockWait() time.Duration { return p.cfg.LeaderTimeout / 5 }
+
+// beginLimited opens a transaction on the pool and applies limits to it.
+func (p *Poller) beginLimited(ctx context.Context, limits txLimits) (*sql.Tx, error) {
+	tx, err := p.db.BeginTx(ctx, nil)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := tx.ExecContext(ctx, setLimitsSQL, limits.args()...); err != nil {
+		tx.Rollback() //nolint:errcheck
+		return nil, err
+	}
+	return tx, nil
+}
