@@ -5,13 +5,12 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
-	"strconv"
 	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/pgnats/outbox/pkg/outbox"
+	"github.com/pgnats/outbox/internal/wire"
 )
 
 // JetStream API error codes the loop treats specially.
@@ -19,6 +18,7 @@ const (
 	jsInsufficientResources = 10023 // the server or account is out of storage
 	jsMessageTooLarge       = 10054 // over the stream's max_msg_size
 	jsStoreFailed           = 10077 // stream full under DiscardNew, among others
+	jsHeaderTooLarge        = 10097 // header block over 64 KiB
 )
 
 // markGrace is how long the mark may take after the acks are in.
@@ -196,12 +196,15 @@ func (p *Poller) send(ctx context.Context, b *batch, skip map[string]bool) {
 			}
 			b.checked = time.Now()
 		}
-		msg, err := message(r)
+		// The rule Write applied, again: a row that cannot be published
+		// (written by an older writer, or by SQL) is FAILED with the reason
+		// rather than refused by the client or the server.
+		msg, size, err := message(r, int(p.cfg.NATS.MaxPayload()))
 		if err != nil {
 			b.refuse(r, err.Error(), true)
 			continue
 		}
-		if reason, permanent, err := p.preflight(ctx, msg); err != nil {
+		if reason, permanent, err := p.preflight(ctx, msg, size); err != nil {
 			b.outage = err
 			continue
 		} else if reason != "" {
@@ -209,6 +212,10 @@ func (p *Poller) send(ctx context.Context, b *batch, skip map[string]bool) {
 			continue
 		}
 		paf, err := p.js.PublishMsgAsync(msg)
+		if reason, refused := refusedByClient(err); refused {
+			b.refuse(r, reason, true)
+			continue
+		}
 		if err != nil {
 			b.outage = fmt.Errorf("publish %s: %w", r.id, err)
 			continue
@@ -276,19 +283,25 @@ func firstErr(a, b error) error {
 	return b
 }
 
-// preflight checks that msg can be stored before it is sent: a stream covers
-// its subject and it fits the server's and the stream's size limits. It
-// returns a refusal reason, or an error when JetStream could not be asked.
-func (p *Poller) preflight(ctx context.Context, msg *nats.Msg) (reason string, permanent bool, err error) {
-	size := len(msg.Subject) + len(msg.Data)
-	for k, vs := range msg.Header {
-		for _, v := range vs {
-			size += len(k) + len(v) + 4 // "k: v\r\n"
+// refusedByClient reports whether err, returned by PublishMsgAsync, is the
+// NATS client refusing this one message (so retrying it cannot help), and
+// the reason; other errors (a closed or draining connection, too many
+// pending acks) concern every message and are an outage.
+func refusedByClient(err error) (string, bool) {
+	for _, e := range []error{nats.ErrBadSubject, nats.ErrBadHeaderMsg, nats.ErrMaxPayload, nats.ErrInvalidMsg,
+		jetstream.ErrAsyncPublishReplySubjectSet} {
+		if errors.Is(err, e) {
+			return "the NATS client refused the message: " + err.Error(), true
 		}
 	}
-	if limit := int(p.cfg.NATS.MaxPayload()); limit > 0 && size > limit {
-		return fmt.Sprintf("message is %d bytes, over the NATS server's max_payload of %d", size, limit), true, nil
-	}
+	return "", false
+}
+
+// preflight checks that msg, of size bytes (headers and payload), can be
+// stored before it is sent: a stream covers its subject and it fits the
+// stream's size limit (wire.Build checked the server's). It returns a
+// refusal reason, or an error when JetStream could not be asked.
+func (p *Poller) preflight(ctx context.Context, msg *nats.Msg, size int) (reason string, permanent bool, err error) {
 	si, err := p.streams.lookup(ctx, msg.Subject)
 	if errors.Is(err, errNoStream) {
 		return fmt.Sprintf("no JetStream stream covers subject %q", msg.Subject), false, nil
@@ -311,7 +324,7 @@ func (p *Poller) classify(ctx context.Context, subject string, err error) (reaso
 		switch apiErr.ErrorCode {
 		case jsStoreFailed, jsInsufficientResources:
 			return "", false, fmt.Errorf("stream cannot store: %w", err)
-		case jsMessageTooLarge:
+		case jsMessageTooLarge, jsHeaderTooLarge:
 			return apiErr.Error(), true, nil
 		}
 		p.streams.forget(subject)
@@ -328,23 +341,18 @@ func (p *Poller) classify(ctx context.Context, subject string, err error) (reaso
 	return "", false, fmt.Errorf("publish: %w", err)
 }
 
-// message builds the NATS message of a row.
-func message(r *row) (*nats.Msg, error) {
+// message builds the NATS message of a row with wire.Build, and returns it
+// with its size, or why it cannot be published to a server whose
+// max_payload is maxPayload.
+func message(r *row, maxPayload int) (*nats.Msg, int, error) {
 	user, err := r.userHeaders()
 	if err != nil {
-		return nil, fmt.Errorf("stored event %s: %w", r.id, err)
+		return nil, 0, fmt.Errorf("stored event %s: %w", r.id, err)
 	}
-	m := nats.NewMsg(r.subject)
-	m.Data = r.data
-	for k, v := range user {
-		m.Header.Set(k, v)
+	m, size, err := wire.Build(wire.Event{ID: r.id, Seq: r.seq, Subject: r.subject, Type: r.eventType,
+		EntityType: r.entityType, EntityID: r.entityID, Data: r.data, Headers: user, CreatedAt: r.createdAt}, maxPayload)
+	if err != nil {
+		return nil, 0, fmt.Errorf("stored event %s cannot be published: %w", r.id, err)
 	}
-	m.Header.Set(jetstream.MsgIDHeader, r.id)
-	m.Header.Set(outbox.HeaderEventID, r.id)
-	m.Header.Set(outbox.HeaderEventType, r.eventType)
-	m.Header.Set(outbox.HeaderEntityType, r.entityType)
-	m.Header.Set(outbox.HeaderEntityID, r.entityID)
-	m.Header.Set(outbox.HeaderSeq, strconv.FormatInt(r.seq, 10))
-	m.Header.Set(outbox.HeaderCreatedAt, r.createdAt.UTC().Format(time.RFC3339Nano))
-	return m, nil
+	return m, size, nil
 }

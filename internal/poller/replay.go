@@ -205,7 +205,7 @@ type replayed struct {
 }
 
 func (r *replayer) send(ctx context.Context, ev *row) error {
-	msg, err := message(ev)
+	msg, _, err := message(ev, int(r.js.Conn().MaxPayload()))
 	if err != nil {
 		return fmt.Errorf("replay event %s (seq %d): %w", ev.id, ev.seq, err)
 	}

@@ -83,8 +83,9 @@ func TestWriteCapturesTraceContext(t *testing.T) {
 
 	t.Run("trace headers count toward MaxBytes", func(t *testing.T) {
 		t.Parallel()
-		small := newWriter(t, outbox.Config{Propagator: propagation.TraceContext{}, MaxBytes: 80})
 		ev := outbox.Event{EntityType: "o", EntityID: "1", Type: "T", Data: "0123456789012345678901234567890123456789"}
+		// A traceparent header line is 70 bytes.
+		small := newWriter(t, outbox.Config{Propagator: propagation.TraceContext{}, MaxBytes: worstSize(t, ev) + 30})
 		db := testenv.NewDB(t)
 		tx, err := db.BeginTx(context.Background(), nil)
 		require.NoError(t, err)

@@ -11,6 +11,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/pgnats/outbox/internal/wire"
 	"github.com/pgnats/outbox/pkg/outbox"
 )
 
@@ -91,9 +92,11 @@ func TestWriteRejectsInvalidEvent(t *testing.T) {
 		{name: "ContentType disagrees with its header", event: with(func(e *outbox.Event) {
 			e.ContentType, e.Headers, e.Data = "application/protobuf", map[string]string{"content-type": "application/avro"}, []byte{1}
 		}), field: "ContentType"},
-		{name: "Data over Config.MaxBytes", maxBytes: 100, event: data(jsonString(100)), field: "Data"},
-		{name: "Headers count toward Config.MaxBytes", maxBytes: 100, event: with(func(e *outbox.Event) {
-			e.Headers = map[string]string{"big": strings.Repeat("v", 90)}
+		// A valid event's message is under 300 bytes with the publisher's
+		// headers.
+		{name: "Data over Config.MaxBytes", maxBytes: 400, event: data(jsonString(200)), field: "Data"},
+		{name: "Headers count toward Config.MaxBytes", maxBytes: 400, event: with(func(e *outbox.Event) {
+			e.Headers = map[string]string{"big": strings.Repeat("v", 150)}
 		}), field: "Data"},
 		{name: "Data over default 1 MiB", event: data(jsonString(outbox.DefaultMaxBytes)), field: "Data"},
 
@@ -236,7 +239,7 @@ func TestWriteAcceptsValidEvent(t *testing.T) {
 		},
 		{
 			name:        "event exactly Config.MaxBytes",
-			maxBytes:    len("a.b") + 10,
+			maxBytes:    worstSize(t, outbox.Event{EntityType: "a", EntityID: "o-1", Type: "b", Data: json.RawMessage(`"12345678"`)}),
 			event:       outbox.Event{EntityType: "a", EntityID: "o-1", Type: "b", Data: json.RawMessage(`"12345678"`)},
 			wantSubject: "a.b",
 			wantData:    `"12345678"`,
@@ -255,6 +258,18 @@ func TestWriteAcceptsValidEvent(t *testing.T) {
 			require.JSONEq(t, tt.wantHeaders, string(headers))
 		})
 	}
+}
+
+// worstSize is the size Write counts for ev: its message with the
+// publisher's headers at their longest.
+func worstSize(t *testing.T, ev outbox.Event) int {
+	t.Helper()
+	data, err := json.Marshal(ev.Data)
+	require.NoError(t, err)
+	_, size, err := wire.Build(wire.Worst(wire.Event{Subject: ev.Subject, Type: ev.Type, EntityType: ev.EntityType,
+		EntityID: ev.EntityID, Data: data, Headers: ev.Headers}), 1<<30)
+	require.NoError(t, err)
+	return size
 }
 
 func TestWriteNilTransaction(t *testing.T) {

@@ -16,29 +16,51 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"reflect"
 
 	"github.com/google/uuid"
 	"github.com/lib/pq"
 	"go.opentelemetry.io/otel/propagation"
 
+	"github.com/pgnats/outbox/internal/wire"
 	"github.com/pgnats/outbox/schema"
 )
 
-// DefaultMaxBytes is the default limit on an event's size (payload, subject
-// and headers): NATS's default max_payload of 1 MiB.
-const DefaultMaxBytes = 1 << 20
+// DefaultMaxBytes is the default limit on an event's size: its message's
+// header block (with every header the publisher adds) plus its payload, as
+// the NATS client sends it. NATS's default max_payload of 1 MiB.
+const DefaultMaxBytes = wire.DefaultMaxPayload
+
+// Limits on an event's text fields, in bytes. EntityType and EntityID are
+// indexed together, and an index entry holds at most 2704 bytes.
+const (
+	MaxEntityTypeBytes = wire.MaxEntityType
+	MaxEntityIDBytes   = wire.MaxEntityID
+	MaxTypeBytes       = wire.MaxType
+)
 
 // Event is one message to publish. EntityType, EntityID, Type and Data are
 // required.
+//
+// Write accepts an event only if the NATS client and a NATS server with
+// default limits will take its message, the same rule the publisher checks
+// again before sending: every text valid UTF-8 without NUL, CR or LF; the
+// limits below; and the message, with the headers the publisher adds, within
+// Config.MaxBytes, a 64 KiB header block and the server's 4096-byte protocol
+// line.
 type Event struct {
 	// EntityType and EntityID name the aggregate the event belongs to;
-	// events of one entity are published in write order.
+	// events of one entity are published in write order. At most
+	// MaxEntityTypeBytes and MaxEntityIDBytes.
 	EntityType string
 	EntityID   string
-	// Type is the event's name, such as "OrderCreated".
+	// Type is the event's name, such as "OrderCreated". At most
+	// MaxTypeBytes.
 	Type string
 	// Subject is the NATS subject to publish to. Empty means
-	// "<EntityType>.<Type>".
+	// "<EntityType>.<Type>". Dot-separated tokens, none empty, without
+	// wildcards, whitespace or control characters, and short enough for
+	// the server's protocol line (a little under 4 KiB).
 	Subject string
 	// Data is the payload, stored and published byte for byte: a consumer
 	// receives exactly these bytes. For JSON (ContentType empty or a JSON
@@ -52,17 +74,43 @@ type Event struct {
 	// "Content-Type" header (HeaderContentType). A Content-Type entry in
 	// Headers counts the same; the two must not disagree.
 	ContentType string
-	// Headers are extra NATS headers. Names starting with "Nats-" or
-	// "Outbox-" are reserved. Write adds the trace context of its ctx (see
+	// Headers are extra NATS headers. Names are printable ASCII without
+	// spaces or any of "()/,:;<=>?@[\]{} (the NATS client refuses them);
+	// names starting with "Nats-" or "Outbox-" are reserved. Values lose
+	// leading and trailing spaces and tabs on the way, as the NATS client
+	// trims them. Write adds the trace context of its ctx (see
 	// Config.Propagator) unless Headers already holds one.
 	Headers map[string]string
 }
 
 // Execer is what Write needs from a transaction: *sql.Tx and *sqlx.Tx
-// satisfy it (so do *sql.DB and *sqlx.DB, but then the events are not tied
-// to the caller's business change).
+// satisfy it. Write refuses a value that is not a transaction (one without
+// Commit and Rollback methods, such as *sql.DB, *sqlx.DB or *sql.Conn):
+// events written outside the caller's transaction would not be tied to its
+// business change.
 type Execer interface {
 	ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error)
+}
+
+// transaction is how Write tells a transaction from a pool or a connection.
+type transaction interface {
+	Commit() error
+	Rollback() error
+}
+
+// checkTx reports why tx is not a transaction Write can use.
+func checkTx(tx Execer) error {
+	const pass = "pass the *sql.Tx or *sqlx.Tx that makes the business change"
+	if tx == nil {
+		return errors.New("outbox: Write needs a transaction, got nil: " + pass)
+	}
+	if v := reflect.ValueOf(tx); v.Kind() == reflect.Pointer && v.IsNil() {
+		return fmt.Errorf("outbox: Write needs a transaction, got a nil %T: %s", tx, pass)
+	}
+	if _, ok := tx.(transaction); !ok {
+		return fmt.Errorf("outbox: Write needs a transaction, got %T, which would write the events outside one: %s", tx, pass)
+	}
+	return nil
 }
 
 // Config configures a Writer. The zero value uses every default.
@@ -70,9 +118,10 @@ type Config struct {
 	// Table is the events table, optionally schema-qualified.
 	// Default "events".
 	Table string
-	// MaxBytes bounds an event's payload, subject and headers together.
-	// Default DefaultMaxBytes; keep it at or under the NATS server's
-	// max_payload and the stream's max_msg_size.
+	// MaxBytes bounds an event's message as the NATS client sends it:
+	// payload plus header block, counting every header the publisher adds
+	// at its longest. Default DefaultMaxBytes; keep it at or under the NATS
+	// server's max_payload and the stream's max_msg_size.
 	MaxBytes int
 	// NewID makes event ids. Default uuid.NewV7 (time-ordered).
 	NewID func() (uuid.UUID, error)
@@ -126,7 +175,9 @@ func NewWriter(cfg Config) (*Writer, error) {
 // Write validates every event, then inserts them all with one statement in
 // tx and returns their ids in the order given. If any event is invalid it
 // returns an error matching ErrInvalidEvent (a *ValidationError) before any
-// SQL runs, so tx is still usable. Events are published in the order given.
+// SQL runs, so tx is still usable. tx must be the caller's transaction: a
+// nil one, or a value that is not a transaction (see Execer), is refused,
+// also before any SQL. Events are published in the order given.
 // The trace context of ctx is added to each event's headers (see
 // Config.Propagator), so consumers can continue the trace.
 func (w *Writer) Write(ctx context.Context, tx Execer, events ...Event) ([]uuid.UUID, error) {
@@ -163,8 +214,8 @@ func (w *Writer) Write(ctx context.Context, tx Execer, events ...Event) ([]uuid.
 		targets[i], types[i], etypes[i], eids[i] = p.subject, ev.Type, ev.EntityType, ev.EntityID
 		data[i], headers[i] = p.data, string(p.headers)
 	}
-	if tx == nil {
-		return nil, errors.New("outbox: Write needs a transaction, got nil")
+	if err := checkTx(tx); err != nil {
+		return nil, err
 	}
 	_, err := tx.ExecContext(ctx, w.insert,
 		pq.Array(idText), pq.Array(targets), pq.Array(types), pq.Array(etypes),

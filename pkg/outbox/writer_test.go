@@ -284,14 +284,6 @@ func TestWriteWithTransactionTypes(t *testing.T) {
 			require.NoError(t, tx.Commit())
 			return ids
 		}},
-		{"sql.Conn", func(t *testing.T, db *testenv.DB, w *outbox.Writer, ev outbox.Event) []uuid.UUID {
-			conn, err := db.DB.DB.Conn(ctx)
-			require.NoError(t, err)
-			defer conn.Close()
-			ids, err := w.Write(ctx, conn, ev)
-			require.NoError(t, err)
-			return ids
-		}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
