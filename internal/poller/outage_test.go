@@ -8,7 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
 	"github.com/stretchr/testify/require"
 
 	"github.com/pgnats/outbox/internal/testenv"
@@ -40,13 +39,7 @@ func jsonLogs(t *testing.T, out string) []logLine {
 // answers again; nothing is lost once it does.
 func TestBrokerOutageBacksOffToTheMaxWithoutClaiming(t *testing.T) {
 	t.Parallel()
-	srv := testenv.StartNATSServer(t, nil)
-	nc, js := srv.Connect(t)
-	b := newBundle(t, nc, js)
-	b.prefix = "p" + testenv.Suffix()
-	b.createStream(t, jetstream.StreamConfig{
-		Subjects: []string{b.prefix + ".>"}, Storage: jetstream.FileStorage, Duplicates: 2 * time.Minute,
-	})
+	b, srv := setupServer(t)
 	var logs testenv.SyncBuffer
 	cfg := fastConfig()
 	cfg.BackoffMin, cfg.BackoffMax = 10*time.Millisecond, 400*time.Millisecond

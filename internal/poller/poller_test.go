@@ -37,6 +37,21 @@ func setup(t *testing.T) *bundle {
 	return b
 }
 
+// setupServer is setup on an in-process NATS server of the test's own,
+// which it may stop and restart: the stream is file-backed, so it survives
+// a restart.
+func setupServer(t *testing.T) (*bundle, *testenv.NATSServer) {
+	t.Helper()
+	srv := testenv.StartNATSServer(t, nil)
+	nc, js := srv.Connect(t)
+	b := newBundle(t, nc, js)
+	b.prefix = "p" + testenv.Suffix()
+	b.createStream(t, jetstream.StreamConfig{
+		Subjects: []string{b.prefix + ".>"}, Storage: jetstream.FileStorage, Duplicates: 2 * time.Minute,
+	})
+	return b, srv
+}
+
 // newBundle gives the test its own schema and a writer, publishing on nc;
 // the caller sets stream and prefix.
 func newBundle(t *testing.T, nc *nats.Conn, js jetstream.JetStream) *bundle {

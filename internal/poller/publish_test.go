@@ -163,13 +163,7 @@ func TestFullStreamBacksOffWithoutBurningAttempts(t *testing.T) {
 // used, each in the stream once, in order.
 func TestBrokerRestartLosesNothing(t *testing.T) {
 	t.Parallel()
-	srv := testenv.StartNATSServer(t, nil)
-	nc, js := srv.Connect(t)
-	b := newBundle(t, nc, js)
-	b.prefix = "p" + testenv.Suffix()
-	b.createStream(t, jetstream.StreamConfig{
-		Subjects: []string{b.prefix + ".>"}, Storage: jetstream.FileStorage, Duplicates: 2 * time.Minute,
-	})
+	b, srv := setupServer(t)
 	p := b.start(t, fastConfig())
 
 	subject := b.prefix + ".order.changed"

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -13,59 +15,137 @@ import (
 	"github.com/pgnats/outbox/schema"
 )
 
-// streamTTL bounds how long a subject's stream is trusted without asking
-// JetStream again.
-const streamTTL = 30 * time.Second
+// The stream cache holds the account's streams with their subject filters,
+// read with one JetStream API request (a page of up to 256 streams), and
+// matches each subject against the filters locally. A new subject, such as
+// a per-entity one (order.<id>.created), costs no request.
+const (
+	// streamTTL bounds how long the stream list is trusted without asking
+	// JetStream again.
+	streamTTL = 30 * time.Second
+	// streamRecheck is how soon after reading the list a subject that no
+	// stream covers, or a publish error suggesting the streams changed,
+	// makes the cache read it again.
+	streamRecheck = 100 * time.Millisecond
+	// subjectsKept bounds the subjects whose stream is remembered; past it
+	// the memo starts over (matching again costs no request).
+	subjectsKept = 4096
+)
 
 type streamInfo struct {
 	name       string
-	maxMsgSize int // 0: no limit beyond the server's max_payload
+	subjects   []string // subject filters, with NATS wildcards
+	maxMsgSize int      // 0: no limit beyond the server's max_payload
 	duplicates time.Duration
-	fetched    time.Time
 }
 
 // streamCache maps subjects to the stream that stores them. Only the
-// publish loop uses it, so it has no lock. Only positive answers are kept:
-// a subject with no stream is asked about again each time.
+// publish loop uses it, so it has no lock.
 type streamCache struct {
-	js    jetstream.JetStream
-	bySub map[string]streamInfo
+	js      jetstream.JetStream
+	streams []streamInfo
+	fetched time.Time      // when streams was read; zero: never, or dropped
+	stale   bool           // forget was called: read again once streamRecheck has passed
+	bySub   map[string]int // subject -> index in streams; -1: no stream
 }
 
 func newStreamCache(js jetstream.JetStream) *streamCache {
-	return &streamCache{js: js, bySub: map[string]streamInfo{}}
+	return &streamCache{js: js}
 }
 
 // errNoStream means JetStream answered that no stream covers the subject.
 var errNoStream = errors.New("no JetStream stream covers the subject")
 
-// lookup returns the stream covering subject, errNoStream when JetStream
-// says none does, or another error when JetStream could not be asked.
+// lookup returns the stream covering subject, errNoStream when none of the
+// account's streams does, or another error when JetStream could not be
+// asked.
 func (c *streamCache) lookup(ctx context.Context, subject string) (streamInfo, error) {
-	if si, ok := c.bySub[subject]; ok && time.Since(si.fetched) < streamTTL {
-		return si, nil
+	age := time.Since(c.fetched)
+	if c.fetched.IsZero() || age >= streamTTL || c.stale && age >= streamRecheck {
+		if err := c.refresh(ctx); err != nil {
+			return streamInfo{}, err
+		}
 	}
-	name, err := c.js.StreamNameBySubject(ctx, subject)
-	if errors.Is(err, jetstream.ErrStreamNotFound) {
-		delete(c.bySub, subject)
+	if i := c.match(subject); i >= 0 {
+		return c.streams[i], nil
+	}
+	if time.Since(c.fetched) < streamRecheck {
 		return streamInfo{}, errNoStream
 	}
-	if err != nil {
-		return streamInfo{}, fmt.Errorf("look up stream for %q: %w", subject, err)
+	// Perhaps a stream was created since: read the list again.
+	if err := c.refresh(ctx); err != nil {
+		return streamInfo{}, err
 	}
-	s, err := c.js.Stream(ctx, name)
-	if err != nil {
-		return streamInfo{}, fmt.Errorf("read stream %q: %w", name, err)
+	if i := c.match(subject); i >= 0 {
+		return c.streams[i], nil
 	}
-	cfg := s.CachedInfo().Config
-	si := streamInfo{name: name, maxMsgSize: int(cfg.MaxMsgSize), duplicates: cfg.Duplicates, fetched: time.Now()}
-	c.bySub[subject] = si
-	return si, nil
+	return streamInfo{}, errNoStream
 }
 
-// forget drops a subject's cached stream, after a publish to it failed in a
-// way that suggests the streams changed.
-func (c *streamCache) forget(subject string) { delete(c.bySub, subject) }
+// match returns the index of the stream whose filters match subject, or -1.
+// JetStream refuses streams with overlapping subjects in one account, so at
+// most one does.
+func (c *streamCache) match(subject string) int {
+	if i, ok := c.bySub[subject]; ok {
+		return i
+	}
+	found := -1
+	for i := range c.streams {
+		if slices.ContainsFunc(c.streams[i].subjects, func(f string) bool { return subjectMatches(subject, f) }) {
+			found = i
+			break
+		}
+	}
+	if len(c.bySub) >= subjectsKept {
+		clear(c.bySub)
+	}
+	c.bySub[subject] = found
+	return found
+}
+
+// refresh reads every stream of the account with its subject filters.
+func (c *streamCache) refresh(ctx context.Context) error {
+	var streams []streamInfo
+	l := c.js.ListStreams(ctx)
+	for info := range l.Info() {
+		cfg := info.Config
+		if len(cfg.Subjects) == 0 {
+			continue // a mirror or a stream that only sources others
+		}
+		streams = append(streams, streamInfo{name: cfg.Name, subjects: cfg.Subjects,
+			maxMsgSize: int(cfg.MaxMsgSize), duplicates: cfg.Duplicates})
+	}
+	if err := l.Err(); err != nil {
+		return fmt.Errorf("list JetStream streams: %w", err)
+	}
+	c.streams, c.fetched, c.stale, c.bySub = streams, time.Now(), false, make(map[string]int)
+	return nil
+}
+
+// forget marks the stream list as possibly out of date, after a publish to
+// subject failed in a way that suggests the streams changed. It is read
+// again at the next lookup, at most once per streamRecheck.
+func (c *streamCache) forget(string) { c.stale = true }
+
+// subjectMatches reports whether the subject (without wildcards) matches
+// filter under NATS rules: tokens separated by dots, "*" matching one
+// token, and a final ">" matching one or more.
+func subjectMatches(subject, filter string) bool {
+	for {
+		ft, frest, fmore := strings.Cut(filter, ".")
+		if ft == ">" && !fmore {
+			return subject != ""
+		}
+		st, srest, smore := strings.Cut(subject, ".")
+		if ft != "*" && ft != st {
+			return false
+		}
+		if !fmore || !smore {
+			return fmore == smore
+		}
+		filter, subject = frest, srest
+	}
+}
 
 // CheckStreams compares the subjects the events table uses with the
 // streams that cover them and logs, for an operator, each subject no
