@@ -21,6 +21,13 @@ const (
 	jsHeaderTooLarge        = 10097 // header block over 64 KiB
 )
 
+// noClientRetry turns off nats.go's own retry of a publish that got "no
+// responders" (by default twice, 250ms apart, each message on its own
+// timer): a message retried behind the loop's back is stored after later
+// events of its entity that were sent meanwhile. The failure comes back to
+// the loop instead, which sends the entity's events again in seq order.
+var noClientRetry = jetstream.WithRetryAttempts(0)
+
 // markGrace is how long the mark may take after the acks are in.
 const markGrace = 10 * time.Second
 
@@ -211,7 +218,7 @@ func (p *Poller) send(ctx context.Context, b *batch, skip map[string]bool) {
 			b.refuse(r, reason, permanent)
 			continue
 		}
-		paf, err := p.js.PublishMsgAsync(msg)
+		paf, err := p.js.PublishMsgAsync(msg, noClientRetry)
 		if reason, refused := refusedByClient(err); refused {
 			b.refuse(r, reason, true)
 			continue

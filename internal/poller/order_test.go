@@ -1,0 +1,63 @@
+package poller_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/pgnats/outbox/internal/testenv"
+)
+
+// A stream that is away for a moment while a batch is sent (deleted and
+// recreated here; a clustered stream changing leader looks the same to the
+// client) must not get an entity's events out of order: nothing below the
+// loop may retry a publish on its own timer. Every event refused during the
+// gap goes back through the loop, which sends the entity's events again in
+// seq order.
+func TestStreamGapKeepsEntityOrder(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	cfg := fastConfig()
+	cfg.BatchSize = 500
+	cfg.MaxAttempts = 1000 // the gap may cost attempts; it must not cost events
+	// The loop's own retries come long after the stream is back, so they
+	// cannot race its return.
+	cfg.RetryBase, cfg.RetryMax, cfg.BackoffMin, cfg.BackoffMax = time.Second, time.Second, time.Second, time.Second
+	p := b.start(t, cfg)
+	subject := b.prefix + ".order.changed"
+
+	// One event first, so the publisher knows the subject's stream and sends
+	// the next batch without asking JetStream again.
+	b.write(t, changes(subject, 1, 1)...)
+	testenv.Eventually(t, 10*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == 1 }, "warm-up event SUCCESS")
+
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	info, err := b.stream.Info(ctx)
+	require.NoError(t, err)
+	sc := info.Config
+	require.NoError(t, b.js.DeleteStream(ctx, sc.Name))
+
+	events := changes(subject, 16, 30)
+	b.write(t, events...)
+	// The batch is claimed once its rows have been locked (xmax set: a read
+	// that locks them itself would make the claim skip them). It is sent at
+	// once; the stream comes back 100ms later, after the send and within
+	// nats.go's default retry wait of 250ms.
+	testenv.Eventually(t, 10*time.Second, func() bool {
+		return b.db.Int(t, `SELECT count(*) FROM events WHERE event_status = 'READY' AND xmax::text <> '0'`) == len(events)
+	}, "the batch is claimed during the gap")
+	time.Sleep(100 * time.Millisecond) // the gap's length, not a wait for an outcome
+	_, err = b.js.CreateStream(ctx, sc)
+	require.NoError(t, err)
+
+	total := len(events) + 1
+	testenv.Eventually(t, 30*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == total },
+		"all %d events SUCCESS once the stream is back", total)
+	require.Zero(t, b.db.Count(t, "FAILED"))
+	msgs := b.received(t)
+	requireOnceInOrder(t, msgs, len(events)) // the warm-up event went with the old stream
+	require.Positive(t, p.Stats().Refused+p.Stats().Backoffs, "the batch must have met the gap")
+}
