@@ -286,7 +286,12 @@ func Migrate(ctx context.Context, db *sql.DB, t Tables) ([]int, error) {
 // transaction as its last step: a migration split into steps (see Step)
 // runs one transaction per step and per batch, so a big table is converted
 // without a long lock, and a migration interrupted halfway resumes where it
-// stopped on the next call. Concurrent callers are serialised by an
+// stopped on the next call. Before changing anything it checks every
+// table that already exists under a configured name (events, processed,
+// leases, replicas, migrations) against the columns, types and primary key
+// the applied version expects, and returns an error wrapping ErrTableShape
+// that names each table and column at fault rather than adopt a table it
+// did not make. Concurrent callers are serialised by an
 // advisory lock held for the whole call, so running it from several
 // processes at once is safe: the others wait, then find nothing to do.
 func MigrateTo(ctx context.Context, db *sql.DB, t Tables, target int) ([]int, error) {
@@ -313,6 +318,13 @@ func MigrateTo(ctx context.Context, db *sql.DB, t Tables, target int) ([]int, er
 		}
 	}()
 
+	// A migrations table of the configured name that Migrate did not make
+	// would be misread: check it before reading it.
+	if problems, err := checkShape(ctx, conn, tablesOf(t)[0], 0); err != nil {
+		return nil, err
+	} else if len(problems) > 0 {
+		return nil, shapeError(problems)
+	}
 	if _, err := conn.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS `+versions.Quoted()+` (
 		version    integer     PRIMARY KEY,
 		name       text        NOT NULL,
@@ -334,6 +346,15 @@ func MigrateTo(ctx context.Context, db *sql.DB, t Tables, target int) ([]int, er
 	}
 	rows.Close()
 	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	current := 0
+	for v := range applied {
+		current = max(current, v)
+	}
+	// CREATE TABLE IF NOT EXISTS would adopt any table of a configured
+	// name: refuse one the outbox could not have made.
+	if err := checkShapes(ctx, conn, t, current); err != nil {
 		return nil, err
 	}
 

@@ -492,3 +492,102 @@ func TestMigrateConvertsPayloadsToBytes(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, want, read(`SELECT event_id, event_data::text FROM events`))
 }
+
+// TestMigrateRefusesTablesOfAnotherShape: a table that already exists under
+// a configured name is adopted only if it has the columns, types and key
+// the outbox needs; otherwise Migrate applies nothing and says what is
+// wrong.
+func TestMigrateRefusesTablesOfAnotherShape(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	// eventsDDL is the events table of version 1 with one line replaced.
+	eventsDDL := func(from, to string) string {
+		ms, err := schema.Migrations(schema.Tables{})
+		require.NoError(t, err)
+		up := ms[0].Up
+		ddl := up[strings.Index(up, "CREATE TABLE") : strings.Index(up, ");")+2]
+		require.Contains(t, ddl, from)
+		return strings.Replace(ddl, from, to, 1)
+	}
+	tests := []struct {
+		name  string
+		setup []string // run before Migrate
+		want  []string // in the error; empty: Migrate succeeds
+	}{
+		{name: "events payload of another type",
+			setup: []string{eventsDDL("event_data   jsonb       NOT NULL", "event_data text NOT NULL")},
+			want:  []string{`table events: column "event_data" is text, expected jsonb NOT NULL`}},
+		{name: "events without seq",
+			setup: []string{eventsDDL("seq          bigint      GENERATED ALWAYS AS IDENTITY,", "")},
+			want:  []string{`table events: column "seq" is missing, expected bigint NOT NULL with a default`}},
+		{name: "events seq without default",
+			setup: []string{eventsDDL("GENERATED ALWAYS AS IDENTITY", "NOT NULL")},
+			want:  []string{`table events: column "seq" has no default`}},
+		{name: "events without primary key",
+			setup: []string{eventsDDL("event_id     uuid        PRIMARY KEY", "event_id uuid NOT NULL")},
+			want:  []string{`table events: primary key is none, expected (event_id)`}},
+		{name: "events last_error NOT NULL",
+			setup: []string{eventsDDL("last_error   text,", "last_error text NOT NULL,")},
+			want:  []string{`table events: column "last_error" is NOT NULL, expected text nullable`}},
+		{name: "events with a NOT NULL column of its own",
+			setup: []string{eventsDDL("published_at timestamptz", "published_at timestamptz, tenant text NOT NULL")},
+			want:  []string{`table events: column "tenant" is NOT NULL without a default`}},
+		{name: "events with a nullable column of its own is adopted",
+			setup: []string{eventsDDL("published_at timestamptz", "published_at timestamptz, tenant text")}},
+		{name: "events is a view",
+			setup: []string{`CREATE VIEW events AS SELECT 1 AS event_id`},
+			want:  []string{`events is not a table`}},
+		{name: "processed_message keyed by message only",
+			setup: []string{`CREATE TABLE processed_message (consumer_id text NOT NULL, message_id text PRIMARY KEY,
+				processed_at timestamptz NOT NULL DEFAULT now())`},
+			want: []string{`table processed_message: primary key is (message_id), expected (consumer_id, message_id)`}},
+		{name: "leases with a text partition",
+			setup: []string{`CREATE TABLE events_leases (part text PRIMARY KEY, partitions integer NOT NULL,
+				owner text NOT NULL, expires_at timestamptz NOT NULL, acquired_at timestamptz NOT NULL DEFAULT now())`},
+			want: []string{`table events_leases: column "part" is text, expected integer NOT NULL`}},
+		{name: "replicas missing a column, and two problems at once",
+			setup: []string{`CREATE TABLE events_replicas (replica_id text, partitions bigint NOT NULL)`},
+			want: []string{`table events_replicas: column "replica_id" is nullable, expected text NOT NULL`,
+				`column "partitions" is bigint, expected integer NOT NULL`,
+				`column "seen_at" is missing, expected timestamp with time zone NOT NULL with a default`,
+				`primary key is none, expected (replica_id)`}},
+		{name: "migrations table of another tool",
+			setup: []string{`CREATE TABLE events_migrations (version text PRIMARY KEY, dirty boolean NOT NULL)`},
+			want: []string{`table events_migrations: column "version" is text, expected integer NOT NULL`,
+				`column "dirty" is NOT NULL without a default`}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			db, _, _ := newSchema(t)
+			for _, s := range tt.setup {
+				_, err := db.Exec(s)
+				require.NoError(t, err)
+			}
+			applied, err := schema.Migrate(ctx, db, schema.Tables{})
+			if len(tt.want) == 0 {
+				require.NoError(t, err)
+				require.Equal(t, []int{1, 2, 3}, applied)
+				return
+			}
+			require.ErrorIs(t, err, schema.ErrTableShape)
+			for _, w := range tt.want {
+				require.Contains(t, err.Error(), w)
+			}
+			require.Empty(t, applied)
+			require.False(t, exists(t, db, "events_ready_idx"), "nothing is applied")
+		})
+	}
+
+	t.Run("a table changed after its version was applied", func(t *testing.T) {
+		t.Parallel()
+		db, _, _ := newSchema(t)
+		_, err := schema.Migrate(ctx, db, schema.Tables{})
+		require.NoError(t, err)
+		_, err = db.Exec(`ALTER TABLE events ALTER COLUMN event_data TYPE jsonb USING convert_from(event_data, 'UTF8')::jsonb`)
+		require.NoError(t, err)
+		_, err = schema.Migrate(ctx, db, schema.Tables{})
+		require.ErrorIs(t, err, schema.ErrTableShape)
+		require.Contains(t, err.Error(), `table events: column "event_data" is jsonb, expected bytea NOT NULL`)
+	})
+}
