@@ -23,7 +23,9 @@ import (
 // The publisher's HTTP endpoints, served on --http-addr:
 //
 //	/metrics  Prometheus metrics (poller.Metrics, Go runtime, process)
-//	/healthz  200 while the process runs
+//	/healthz  200 while the process runs, 503 while its NATS connection is
+//	          closed for good (the publisher then connects again; a
+//	          lasting 503 means it cannot)
 //	/readyz   200 when PostgreSQL and NATS answer, 503 otherwise; the JSON
 //	          body also says whether this replica leads or stands by
 const (
@@ -92,6 +94,11 @@ func (rd *readiness) check(ctx context.Context) readyReport {
 	switch nc := rd.nc.Load(); {
 	case nc == nil:
 		r.NATS = "not connected yet"
+	case nc.IsClosed():
+		r.NATS = "connection closed for good"
+		if err := nc.LastError(); err != nil {
+			r.NATS += ": " + err.Error()
+		}
 	case nc.Status() != nats.CONNECTED:
 		r.NATS = "connection " + nc.Status().String()
 	default:
@@ -111,6 +118,11 @@ func newHTTPHandler(reg *prometheus.Registry, rd *readiness, log *slog.Logger) h
 	}))
 	mux.HandleFunc("GET "+pathHealthz, func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		if nc := rd.nc.Load(); nc != nil && nc.IsClosed() {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintln(w, "NATS connection closed for good")
+			return
+		}
 		fmt.Fprintln(w, "ok")
 	})
 	mux.HandleFunc("GET "+pathReadyz, func(w http.ResponseWriter, req *http.Request) {

@@ -74,7 +74,10 @@ func TestHTTPEndpoints(t *testing.T) {
 		nc.Close()
 		code, body = request(t, h, http.MethodGet, pathReadyz)
 		require.Equal(t, http.StatusServiceUnavailable, code)
-		require.Equal(t, "connection CLOSED", readyBody(t, body).NATS)
+		require.Equal(t, "connection closed for good", readyBody(t, body).NATS)
+		code, body = request(t, h, http.MethodGet, pathHealthz)
+		require.Equal(t, http.StatusServiceUnavailable, code, "a connection closed for good is not healthy")
+		require.Equal(t, "NATS connection closed for good\n", body)
 	})
 
 	t.Run("unreachable database is not ready", func(t *testing.T) {

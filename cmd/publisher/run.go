@@ -1,14 +1,17 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"database/sql"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"strings"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/robfig/cron/v3"
 
@@ -146,8 +149,8 @@ join or leave. An entity's events still go out in order.`)
 	if err != nil {
 		return err
 	}
-	defer nc.Close()
 	ready.nc.Store(nc)
+	defer func() { ready.nc.Load().Close() }() // the last connection runPoller made
 
 	cfg := poller.Config{
 		DB: db, DSN: o.databaseURL, NATS: nc, Table: o.table, BatchSize: o.batchSize,
@@ -198,7 +201,48 @@ join or leave. An entity's events still go out in order.`)
 		return usageError{err}
 	}
 	defer stopHK()
-	return p.Run(ctx)
+	return runPoller(ctx, p, cfg, &ready, log, func() (*nats.Conn, error) {
+		return connectNATS(o.nats, true, log, metrics.NATSReconnects.Inc)
+	})
+}
+
+// runPoller runs p until ctx ends. When p's NATS connection is closed for
+// good (nats.go never reconnects a connection the server closed, for a
+// protocol error for instance), it connects again with connect and runs a
+// new Poller of cfg on the new connection, which ready then shows. The
+// reconnections back off from 250ms up to cfg.BackoffMax while connections
+// keep closing within a minute.
+func runPoller(ctx context.Context, p *poller.Poller, cfg poller.Config, ready *readiness, log *slog.Logger,
+	connect func() (*nats.Conn, error)) error {
+	wait := time.Duration(0)
+	for {
+		started := time.Now()
+		err := p.Run(ctx)
+		if !errors.Is(err, poller.ErrNATSClosed) || ctx.Err() != nil {
+			return err
+		}
+		if time.Since(started) > time.Minute {
+			wait = 0
+		}
+		log.Error("NATS connection closed for good; connecting again", "err", err, "in", wait)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(wait):
+		}
+		wait = min(max(2*wait, 250*time.Millisecond), cmp.Or(cfg.BackoffMax, 30*time.Second))
+		nc, cerr := connect()
+		if cerr != nil {
+			return fmt.Errorf("connect to NATS again after %w: %w", err, cerr)
+		}
+		ready.nc.Store(nc)
+		cfg.NATS = nc
+		if p, err = poller.New(cfg); err != nil {
+			nc.Close()
+			return err
+		}
+		ready.poller.Store(p)
+	}
 }
 
 // checkSchedule reports a cron schedule flag that robfig/cron cannot

@@ -262,9 +262,17 @@ func (p *Poller) Partitioned() bool { return p.parts != nil }
 // leader's row locks do not hold its successor for long.
 func (p *Poller) idleInTx() time.Duration { return 2*p.cfg.AckTimeout + 5*time.Second }
 
+// ErrNATSClosed is returned by Run when the NATS connection is closed for
+// good: by the server for a protocol error, or after refused credentials.
+// nats.go never reconnects a closed connection, so the caller must connect
+// again and run a new Poller on the new connection.
+var ErrNATSClosed = errors.New("the NATS connection is closed for good")
+
 // Run publishes until ctx is cancelled, then finishes the batch in flight
 // and returns nil. It returns an error only for a setup failure that
-// retrying cannot fix (such as a missing events table).
+// retrying cannot fix (such as a missing events table), or one wrapping
+// ErrNATSClosed, after finishing the batch in flight, when the NATS
+// connection is closed.
 func (p *Poller) Run(ctx context.Context) error {
 	if err := p.resolveTable(ctx); err != nil {
 		return err
@@ -298,6 +306,9 @@ func (p *Poller) Run(ctx context.Context) error {
 		lockWait = activePoll
 	)
 	for ctx.Err() == nil {
+		if p.cfg.NATS.IsClosed() {
+			return p.stopClosed(ctx)
+		}
 		if !p.lead.leading() {
 			sleeping = false
 			if !p.elect(ctx, &bo) {
@@ -320,6 +331,8 @@ func (p *Poller) Run(ctx context.Context) error {
 			continue
 		case err != nil && ctx.Err() != nil:
 			continue // stopping: the error is the cancellation itself
+		case err != nil && p.cfg.NATS.IsClosed():
+			continue // no back-off: Run returns at the top of the loop
 		case err != nil:
 			if sleeping {
 				sleeping = !p.wakeUp(ctx)
@@ -382,6 +395,21 @@ func (p *Poller) Run(ctx context.Context) error {
 	}
 	p.log.Info("publisher stopped", "published", p.published.Load())
 	return nil
+}
+
+// stopClosed finishes the batch in flight (its acks will not come, so its
+// rows stay READY) and returns the error Run returns for a closed NATS
+// connection.
+func (p *Poller) stopClosed(ctx context.Context) error {
+	if err := p.drain(ctx); err != nil {
+		p.log.Warn("finishing the last batch", "err", err)
+	}
+	err := fmt.Errorf("poller: %w", ErrNATSClosed)
+	if last := p.cfg.NATS.LastError(); last != nil {
+		err = fmt.Errorf("poller: %w: %w", ErrNATSClosed, last)
+	}
+	p.log.Error("NATS connection closed for good; stopping", "err", err, "published", p.published.Load())
+	return err
 }
 
 // rebalanceIfDue runs a lease round when one is due (partitioned mode). A

@@ -1,13 +1,16 @@
 package poller_test
 
 import (
+	"context"
 	"encoding/json"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/stretchr/testify/require"
 
+	"github.com/pgnats/outbox/internal/poller"
 	"github.com/pgnats/outbox/internal/testenv"
 	"github.com/pgnats/outbox/pkg/outbox"
 )
@@ -134,4 +137,56 @@ func derefOr(s *string) string {
 		return ""
 	}
 	return *s
+}
+
+// A connection the server closes for a protocol error is closed for good
+// (nats.go does not reconnect it): Run returns ErrNATSClosed instead of
+// backing off forever, and a Poller on a new connection publishes what was
+// written meanwhile.
+func TestClosedConnectionStopsRun(t *testing.T) {
+	t.Parallel()
+	srv := testenv.StartNATSServer(t, nil)
+	nc, js := srv.Connect(t)
+	b := newBundle(t, nc, js)
+	b.prefix = "p" + testenv.Suffix()
+	b.stream = b.createStream(t, jetstream.StreamConfig{
+		Subjects: []string{b.prefix + ".>"}, Storage: jetstream.MemoryStorage, Duplicates: 2 * time.Minute,
+	})
+	subject := b.prefix + ".order.changed"
+	cfg := fastConfig()
+	cfg.DB, cfg.DSN, cfg.NATS, cfg.Logger = b.db.DB.DB, b.db.DSN, nc, testLogger(t)
+	p, err := poller.New(cfg)
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+
+	before := changes(subject, 2, 3)
+	b.write(t, before...)
+	testenv.Eventually(t, 10*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == len(before) },
+		"events SUCCESS before the close")
+
+	// A protocol line over max_control_line: the server answers -ERR and
+	// closes the connection.
+	require.NoError(t, nc.Publish("bh01."+strings.Repeat("a", 5000), nil))
+	select {
+	case err := <-done:
+		require.ErrorIs(t, err, poller.ErrNATSClosed)
+		require.ErrorContains(t, err, "maximum control line")
+	case <-time.After(30 * time.Second):
+		t.Fatal("Run did not return after the server closed the connection")
+	}
+	require.True(t, nc.IsClosed())
+
+	after := changes(subject, 2, 3)
+	b.write(t, after...)
+	nc2, js2 := srv.Connect(t)
+	b.js, cfg.NATS = js2, nc2
+	b.stream, err = js2.Stream(context.Background(), b.stream.CachedInfo().Config.Name)
+	require.NoError(t, err)
+	b.start(t, cfg)
+	testenv.Eventually(t, 10*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == len(before)+len(after) },
+		"events written after the close SUCCESS on a new connection")
+	requireOnceInOrder(t, b.received(t), len(before)+len(after))
 }
