@@ -17,7 +17,10 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	c := newCommand("migrate", "", `
 Create or upgrade the outbox tables: the events table with its indexes and
 NOTIFY trigger, and the processed_message table that pkg/dedup uses. Applied
-versions are recorded in <table>_migrations; running it again is a no-op.
+versions are recorded in <table>_migrations; running it again is a no-op, or
+resumes a migration that was interrupted (big tables are converted in
+batches of short transactions). An existing table of a configured name that
+the outbox could not have created is refused, naming what is wrong.
 With --print, write the SQL to stdout instead, for your own migration tool.`)
 	o.register(c)
 	c.String(&processed, "processed-table", schema.DefaultProcessed, "table pkg/dedup records handled messages in")

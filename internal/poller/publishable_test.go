@@ -30,7 +30,7 @@ func (b *bundle) insertRow(t *testing.T, r storedRow) {
 		h = []byte("{}")
 	}
 	b.db.MustExec(`INSERT INTO events (event_id, event_target, event_type, entity_type, entity_id, event_data, headers)
-		VALUES (gen_random_uuid(), $1, $2, 'order', $3, $4, $5)`, r.subject, r.eventType, r.entityID, r.data, string(h))
+		VALUES (gen_random_uuid(), $1, $2, 'order', $3, $4, $5)`, r.subject, r.eventType, r.entityID, []byte(r.data), string(h))
 }
 
 // The publisher applies Write's rule again to every row it claims: a row
