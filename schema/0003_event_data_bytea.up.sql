@@ -19,7 +19,7 @@
 --
 -- Every step is safe to run again, so a migration stopped halfway resumes
 -- where it was.
-SET LOCAL lock_timeout = '10s';
+SET LOCAL lock_timeout = '2s';
 ALTER TABLE {{.Events}} ADD COLUMN IF NOT EXISTS event_data_new bytea;
 
 CREATE OR REPLACE FUNCTION {{.DataCopyFunc}}() RETURNS trigger
@@ -52,7 +52,7 @@ $$;
 SELECT {{.DataBackfillFunc}}($1);
 
 -- outbox:step
-SET LOCAL lock_timeout = '10s';
+SET LOCAL lock_timeout = '2s';
 ALTER TABLE {{.Events}} DROP CONSTRAINT IF EXISTS {{.DataCheck}};
 ALTER TABLE {{.Events}} ADD CONSTRAINT {{.DataCheck}} CHECK (event_data_new IS NOT NULL) NOT VALID;
 
@@ -60,7 +60,7 @@ ALTER TABLE {{.Events}} ADD CONSTRAINT {{.DataCheck}} CHECK (event_data_new IS N
 ALTER TABLE {{.Events}} VALIDATE CONSTRAINT {{.DataCheck}};
 
 -- outbox:step
-SET LOCAL lock_timeout = '10s';
+SET LOCAL lock_timeout = '2s';
 DROP TRIGGER {{.DataCopyTrigger}} ON {{.Events}};
 DROP FUNCTION {{.DataCopyFunc}}();
 DROP FUNCTION {{.DataBackfillFunc}}(bigint);

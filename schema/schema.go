@@ -23,6 +23,7 @@ import (
 	"strconv"
 	"strings"
 	"text/template"
+	"time"
 
 	"github.com/lib/pq"
 )
@@ -384,25 +385,60 @@ func apply(ctx context.Context, conn *sql.Conn, m Migration, versions Name) erro
 			}
 			continue
 		}
-		tx, err := conn.BeginTx(ctx, nil)
+		record := i == len(m.Steps)-1
+		var err error
+		for attempt := 1; ; attempt++ {
+			err = runStep(ctx, conn, s.SQL, record, m, versions)
+			if !isLockTimeout(err) || attempt == lockAttempts {
+				break
+			}
+			// A step that gives up waiting for its lock (its lock_timeout)
+			// was rolled back whole: try again, after the transaction in
+			// the way has had a moment to end.
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(lockRetryPause):
+			}
+		}
 		if err != nil {
 			return fmt.Errorf("step %d: %w", i+1, err)
 		}
-		if _, err := tx.ExecContext(ctx, s.SQL); err != nil {
-			tx.Rollback() //nolint:errcheck
-			return fmt.Errorf("step %d: %w", i+1, err)
-		}
-		if i == len(m.Steps)-1 {
-			if _, err := tx.ExecContext(ctx, `INSERT INTO `+versions.Quoted()+` (version, name) VALUES ($1, $2)`, m.Version, m.Name); err != nil {
-				tx.Rollback() //nolint:errcheck
-				return fmt.Errorf("record version: %w", err)
-			}
-		}
-		if err := tx.Commit(); err != nil {
-			return fmt.Errorf("step %d: commit: %w", i+1, err)
-		}
 	}
 	return nil
+}
+
+// A step that sets a lock_timeout is tried lockAttempts times in all,
+// lockRetryPause apart, before Migrate gives up.
+const (
+	lockAttempts   = 10
+	lockRetryPause = time.Second
+)
+
+// runStep runs one step in a transaction, with the version record when
+// record is set.
+func runStep(ctx context.Context, conn *sql.Conn, query string, record bool, m Migration, versions Name) error {
+	tx, err := conn.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback() //nolint:errcheck // no-op after commit
+	if _, err := tx.ExecContext(ctx, query); err != nil {
+		return err
+	}
+	if record {
+		if _, err := tx.ExecContext(ctx, `INSERT INTO `+versions.Quoted()+` (version, name) VALUES ($1, $2)`, m.Version, m.Name); err != nil {
+			return fmt.Errorf("record version: %w", err)
+		}
+	}
+	return tx.Commit()
+}
+
+// isLockTimeout reports whether err is PostgreSQL's lock_not_available,
+// what a statement gets when its lock_timeout expires.
+func isLockTimeout(err error) bool {
+	var pqErr *pq.Error
+	return errors.As(err, &pqErr) && pqErr.Code == "55P03"
 }
 
 // Script returns every up migration as one SQL script, for users who apply

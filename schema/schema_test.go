@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/lib/pq"
 	"github.com/stretchr/testify/require"
@@ -590,4 +591,53 @@ func TestMigrateRefusesTablesOfAnotherShape(t *testing.T) {
 		require.ErrorIs(t, err, schema.ErrTableShape)
 		require.Contains(t, err.Error(), `table events: column "event_data" is jsonb, expected bytea NOT NULL`)
 	})
+}
+
+// TestMigrateRetriesAStepThatWaitedTooLongForItsLock: 0003's short
+// exclusive steps give up waiting for their lock after lock_timeout, so
+// writers never queue behind them for long; Migrate tries them again until
+// the transaction in the way has ended.
+func TestMigrateRetriesAStepThatWaitedTooLongForItsLock(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	db, _, _ := newSchema(t)
+	_, err := schema.MigrateTo(ctx, db, schema.Tables{}, 2)
+	require.NoError(t, err)
+
+	// A long writer transaction holds the table, as an open INSERT would.
+	blocker, err := db.BeginTx(ctx, nil)
+	require.NoError(t, err)
+	defer blocker.Rollback() //nolint:errcheck
+	_, err = blocker.Exec(`LOCK TABLE events IN ROW EXCLUSIVE MODE`)
+	require.NoError(t, err)
+
+	done := make(chan error, 1)
+	go func() {
+		_, err := schema.Migrate(ctx, db, schema.Tables{})
+		done <- err
+	}()
+	// waiting returns the start of the transaction that waits for a lock
+	// on events, or the zero time.
+	waiting := func() time.Time {
+		var start time.Time
+		err := db.QueryRow(`SELECT a.xact_start FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+			WHERE l.relation = 'events'::regclass AND NOT l.granted`).Scan(&start)
+		if errors.Is(err, sql.ErrNoRows) {
+			return time.Time{}
+		}
+		require.NoError(t, err)
+		return start
+	}
+	var first time.Time
+	testenv.Eventually(t, 30*time.Second, func() bool { first = waiting(); return !first.IsZero() },
+		"migrate waits for its lock")
+	testenv.Eventually(t, 30*time.Second, func() bool { w := waiting(); return !w.IsZero() && !w.Equal(first) },
+		"migrate gave up waiting and tried again in a new transaction")
+	require.NoError(t, blocker.Rollback())
+	select {
+	case err := <-done:
+		require.NoError(t, err)
+	case <-time.After(60 * time.Second):
+		t.Fatal("Migrate did not return after the blocker ended")
+	}
 }
