@@ -31,7 +31,6 @@ const mPartitionsHeld = `outbox_partitions_held`
 
 // Log messages of a partitioned publisher.
 const (
-	logJoined    = `msg="joined as a partitioned publisher"`
 	logLeaseLost = `msg="a partition lease or the lock session was lost; rebalancing"`
 	logLockLost  = `msg="leadership lost; standing by"`
 )

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"regexp"
+	"syscall"
 	"testing"
 	"time"
 
@@ -91,4 +92,49 @@ func TestPartitionsFlagValidation(t *testing.T) {
 		require.Equal(t, 2, r.code, "%v: %s", args, r.stderr)
 		require.Contains(t, r.stderr, "--partitions", "%v", args)
 	}
+}
+
+// Two live processes under one --replica-id: the second waits a while (the
+// holder could be a dead process whose session is ending) and then exits
+// 1, naming the session that holds the id, while the first publishes on.
+// A process frozen while it holds the id keeps it until its lock session
+// times out: then a new process under the same id takes over, and the old
+// one, resumed, finds the id taken, publishes nothing and exits 1.
+func TestDuplicateReplicaIDRefused(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	w := b.seqWriter(b.prefix+".order.updated", entityNames("e", 10), 1)
+	flags := []string{"--partitions", "4", "--replica-id", "twin", "--leader-timeout", "1s", "--ack-timeout", "1s"}
+	first := startPublisher(t, "first", b.db.DSN, flags...)
+	first.WaitLog(t, logJoined, 15*time.Second)
+
+	second := startPublisher(t, "second", b.db.DSN, flags...)
+	require.Equal(t, 1, second.Wait(t, 30*time.Second), "a second live process under the same replica id exits 1")
+	require.Contains(t, second.Logs(), `replica id in use by another live publisher`)
+	require.Regexp(t, `replica id "twin" is held by backend pid \d+ .*--replica-id`, second.Logs())
+	require.NotContains(t, second.Logs(), logJoined)
+	require.NoError(t, w.write(t.Context(), 200, 20))
+	b.waitAllSuccess(t, 200, 30*time.Second)
+
+	// Frozen: its lock session ends after --leader-timeout idle, and the id
+	// with it.
+	require.NoError(t, syscall.Kill(first.cmd.Process.Pid, syscall.SIGSTOP))
+	third := startPublisher(t, "third", b.db.DSN, flags...)
+	third.WaitLog(t, logJoined, 20*time.Second)
+	require.NoError(t, w.write(t.Context(), 200, 20))
+	b.waitAllSuccess(t, 400, 30*time.Second)
+
+	logged := len(first.Logs())
+	require.NoError(t, syscall.Kill(first.cmd.Process.Pid, syscall.SIGCONT))
+	require.Equal(t, 1, first.Wait(t, 30*time.Second), "the resumed process finds its id taken and exits 1")
+	since := first.Logs()[logged:]
+	require.Contains(t, since, `replica id in use by another live publisher`)
+	require.NotContains(t, since, logJoined)
+	require.NoError(t, w.write(t.Context(), 200, 20))
+	b.waitAllSuccess(t, 600, 30*time.Second)
+	require.Contains(t, third.Logs(), logJoined)
+	require.False(t, third.Exited())
+	msgs := readStream(t, b.js, b.stream)
+	requireEachOnce(t, msgs, b.db.IDs(t, ""))
+	requireInOrder(t, msgs, w.next)
 }

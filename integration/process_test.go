@@ -146,6 +146,7 @@ const (
 	logLeaderElected = `msg="leader elected"`
 	logStandingBy    = `msg="standing by`
 	logStopped       = `msg="publisher stopped"`
+	logJoined        = `msg="joined as a partitioned publisher"`
 )
 
 var electedPID = regexp.MustCompile(`msg="leader elected" .*\bpid=(\d+)`)

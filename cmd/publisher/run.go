@@ -201,9 +201,13 @@ join or leave. An entity's events still go out in order.`)
 		return usageError{err}
 	}
 	defer stopHK()
-	return runPoller(ctx, p, cfg, &ready, log, func() (*nats.Conn, error) {
+	err = runPoller(ctx, p, cfg, &ready, log, func() (*nats.Conn, error) {
 		return connectNATS(o.nats, true, log, metrics.NATSReconnects.Inc)
 	})
+	if errors.Is(err, poller.ErrReplicaIDInUse) {
+		return fmt.Errorf("%w; give every process its own --replica-id, or stop the other one", err)
+	}
+	return err
 }
 
 // runPoller runs p until ctx ends. When p's NATS connection is closed for

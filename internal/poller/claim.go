@@ -134,10 +134,10 @@ func blocksSQL(alias string) string {
 }
 
 // fenceArgs are the values of the fence's parameters: the leader lock and
-// this session's pid, then in partitioned mode the replica id and the
+// the lock session's token, then in partitioned mode the replica id and the
 // partitions held.
 func (p *Poller) fenceArgs() []any {
-	args := []any{leaderNamespace, p.tableOID, p.lead.pid}
+	args := []any{leaderNamespace, p.tableOID, p.lead.token}
 	if p.parts != nil {
 		args = append(args, p.parts.id, pq.Array(p.parts.held))
 	}

@@ -1,10 +1,12 @@
 package poller
 
 import (
+	"cmp"
 	"context"
 	"database/sql"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"strconv"
 	"sync"
 	"time"
@@ -41,9 +43,21 @@ import (
 // idle_in_transaction_session_timeout. Without the barrier a new leader
 // would SKIP LOCKED past an entity's first event and publish its second.
 //
-// Fencing: the claim and the mark each carry a condition that the session
-// lock is held by this leader's backend pid (pg_locks), so a leader that
-// lost its lock claims nothing and marks nothing; its rows stay READY.
+// Fencing: the claim and the mark each carry a condition that the leader
+// lock is held by this leader's lock session (pg_locks), so a leader that
+// lost its lock claims nothing and marks nothing; its rows stay READY. The
+// session is named by a token, not by its backend pid: PostgreSQL reuses
+// pids, and a new backend with the pid of a dead lock session (another
+// publisher's lock session, say) would pass a fence on the pid. The token
+// is a random key of sessionNamespace that the lock session takes, on
+// connecting, as a session lock: only that session ever holds it.
+//
+// Replica ids: a partitioned publisher also holds, on its lock session, a
+// session lock keyed by a hash of the table and its replica id
+// (replicaNamespace), so two live processes never run under the same id.
+// A process that finds it held waits up to dupWait (a dead or frozen
+// holder's session ends within LeaderTimeout plus keepalive probes), then
+// gives up with ErrReplicaIDInUse.
 //
 // A dead leader loses the lock when its connection ends: at once on a
 // process crash (the kernel closes the socket), within LeaderTimeout when it
@@ -53,7 +67,14 @@ import (
 const (
 	leaderNamespace  = 0x6f627831 // "obx1"
 	barrierNamespace = 0x6f627832 // "obx2"
+	sessionNamespace = 0x6f627836 // "obx6": a lock session's token
+	replicaNamespace = 0x6f627837 // "obx7": a replica id in use
 )
+
+// ErrReplicaIDInUse is returned by Run when another live publisher of the
+// table runs under the same Config.ReplicaID (after waiting, in case that
+// one is a dead process whose session has not ended yet).
+var ErrReplicaIDInUse = errors.New("replica id in use by another live publisher")
 
 // leader owns the dedicated lock connection and its heartbeat goroutine.
 type leader struct {
@@ -71,6 +92,8 @@ type leader struct {
 	renew       string
 	renewArgs   []any
 	renewFailed func(error) // called from the heartbeat goroutine
+	// replicaID, when set, is locked on the session before the leader lock.
+	replicaID string
 
 	db   *sql.DB   // a pool of one: the session that tries for, then holds, the lock
 	conn *sql.Conn // that session; kept open by a standby between tries
@@ -80,6 +103,7 @@ type leader struct {
 	connMu sync.Mutex
 	held   bool // conn holds the lock
 	pid    int  // backend pid holding the session lock
+	token  int  // key of the session lock naming conn (sessionNamespace)
 	// sleeping: this session holds the sleep lock (schema.SleepLockNamespace)
 	sleeping bool
 	stop     context.CancelFunc
@@ -93,6 +117,11 @@ type leader struct {
 func (l *leader) tryAcquire(ctx context.Context) (bool, error) {
 	if l.conn == nil {
 		if err := l.connect(ctx); err != nil {
+			return false, err
+		}
+	}
+	if l.replicaID != "" {
+		if err := l.lockReplicaID(ctx); err != nil {
 			return false, err
 		}
 	}
@@ -162,7 +191,53 @@ func (l *leader) connect(ctx context.Context) error {
 		l.disconnect()
 		return fmt.Errorf("configure leader connection: %w", err)
 	}
-	return nil
+	// The token: a key no live session holds (a try that fails means one
+	// does; draw again).
+	for {
+		var ok bool
+		token := int(rand.Int32())
+		if err := conn.QueryRowContext(ctx, `SELECT pg_try_advisory_lock($1, $2)`,
+			sessionNamespace, token).Scan(&ok); err != nil {
+			l.disconnect()
+			return fmt.Errorf("take session token: %w", err)
+		}
+		if ok {
+			l.token = token
+			return nil
+		}
+	}
+}
+
+// replicaKeySQL is the key, in replicaNamespace, of replica id $2 of the
+// table whose oid is $1.
+const replicaKeySQL = `hashtext($1::bigint::text || '/' || $2)`
+
+// lockReplicaID takes the replica id's session lock, or returns an error
+// wrapping ErrReplicaIDInUse that names the session holding it.
+func (l *leader) lockReplicaID(ctx context.Context) error {
+	var ok bool
+	if err := l.conn.QueryRowContext(ctx, `SELECT pg_try_advisory_lock($3, `+replicaKeySQL+`)`,
+		l.tableOID, l.replicaID, replicaNamespace).Scan(&ok); err != nil {
+		l.disconnect()
+		return fmt.Errorf("lock replica id: %w", err)
+	}
+	if ok {
+		return nil
+	}
+	var (
+		pid    sql.NullInt64
+		client sql.NullString
+		since  sql.NullTime
+	)
+	// The holder may be gone by now: the error then names no session.
+	_ = l.conn.QueryRowContext(ctx, `SELECT l.pid, host(a.client_addr), a.backend_start
+		FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+		WHERE l.locktype = 'advisory' AND l.granted AND l.classid = $3::bigint::oid
+		  AND l.objid = `+replicaKeySQL+`::oid AND l.objsubid = 2
+		  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())`,
+		l.tableOID, l.replicaID, replicaNamespace).Scan(&pid, &client, &since)
+	return fmt.Errorf("%w: replica id %q is held by backend pid %d (client %s, connected %s)",
+		ErrReplicaIDInUse, l.replicaID, pid.Int64, cmp.Or(client.String, "local"), since.Time.UTC().Format(time.RFC3339))
 }
 
 // disconnect closes the lock session (and with it any lock it held).
@@ -256,7 +331,7 @@ func (l *leader) release() {
 		l.wg.Wait()
 	}
 	l.disconnect()
-	l.held, l.pid, l.lost, l.sleeping = false, 0, nil, false
+	l.held, l.pid, l.token, l.lost, l.sleeping = false, 0, 0, nil, false
 }
 
 // leading reports whether this process currently believes it leads.
@@ -265,13 +340,17 @@ func (l *leader) leading() bool { return l.held }
 // errLostLeadership means a fence check failed: another publisher may lead.
 var errLostLeadership = errors.New("lost leadership")
 
-// fenceSQL is true while the leader lock is held by backend $pid. It is
-// added to the claim and the mark; the parameters are numbered by the caller.
-func fenceSQL(nsParam, oidParam, pidParam int) string {
+// fenceSQL is true while the leader lock is held by the session that holds
+// the token $tokenParam (the leader's lock session: whatever its pid, no
+// other session holds that token). It is added to the claim and the mark;
+// the parameters are numbered by the caller.
+func fenceSQL(nsParam, oidParam, tokenParam int) string {
 	return fmt.Sprintf(`EXISTS (SELECT 1 FROM pg_locks l
-		WHERE l.locktype = 'advisory' AND l.classid = $%d::bigint::oid
-		  AND l.objid = $%d::bigint::oid AND l.objsubid = 2
-		  AND l.pid = $%d AND l.granted)`, nsParam, oidParam, pidParam)
+		WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+		  AND ((l.classid = $%d::bigint::oid AND l.objid = $%d::bigint::oid)
+		    OR (l.classid = %d::oid AND l.objid = $%d::bigint::oid))
+		GROUP BY l.pid
+		HAVING count(DISTINCT l.classid) = 2)`, nsParam, oidParam, sessionNamespace, tokenParam)
 }
 
 // trySleep takes the sleep lock on the leader's session (see the insert

@@ -63,7 +63,7 @@ import (
 //     publisher's share is every p with p mod n = its index;
 //  2. if it holds partitions outside its share, finish the batch in flight;
 //  3. in one transaction, serialised between publishers by an advisory
-//     transaction lock: upsert its replica row, delete replicas unseen for
+//     transaction lock and fenced on the lock session: upsert its replica row, delete replicas unseen for
 //     a lease time, delete its leases outside its share, take the leases
 //     of its share that are free or expired;
 //  4. try the barrier of each pending partition.
@@ -179,13 +179,22 @@ func (p *Poller) rebalance(ctx context.Context) error {
 		return fmt.Errorf("rebalance: %w", err)
 	}
 	defer tx.Rollback() //nolint:errcheck // no-op after commit
+	// The fence keeps a process that lost its lock session (frozen, then
+	// resumed) from writing lease rows in the name of its replica id, which
+	// a new process may be using by now.
+	var leads bool
+	if err := tx.QueryRowContext(ctx, `SELECT `+fenceSQL(1, 2, 3)+` FROM (SELECT pg_advisory_xact_lock($4, $2::bigint::oid::int)) l`,
+		leaderNamespace, p.tableOID, p.lead.token, rebalanceNamespace).Scan(&leads); err != nil {
+		return fmt.Errorf("rebalance: lock: %w", err)
+	}
+	if !leads {
+		return fmt.Errorf("rebalance: %w", errLostLeadership)
+	}
 	ttl := p.leaseTTL().Milliseconds()
 	steps := []struct {
 		what, sql string
 		args      []any
 	}{
-		{"lock", `SELECT pg_advisory_xact_lock($1, $2::bigint::oid::int)`,
-			[]any{rebalanceNamespace, p.tableOID}},
 		{"register", `INSERT INTO ` + pt.replicas + ` (replica_id, partitions) VALUES ($1, $2)
 			ON CONFLICT (replica_id) DO UPDATE SET partitions = excluded.partitions, seen_at = now()`,
 			[]any{pt.id, pt.count}},
@@ -309,8 +318,11 @@ func (p *Poller) leave(ctx context.Context) {
 			return err
 		}
 		defer tx.Rollback() //nolint:errcheck // no-op after commit
-		if _, err := tx.ExecContext(ctx, `WITH gone AS (DELETE FROM `+pt.replicas+` WHERE replica_id = $1)
-			DELETE FROM `+pt.leases+` WHERE owner = $1`, pt.id); err != nil {
+		// Fenced: after its lock session died, the rows may be another
+		// process's under the same id by now; they expire on their own.
+		if _, err := tx.ExecContext(ctx, `WITH gone AS (DELETE FROM `+pt.replicas+` WHERE replica_id = $1 AND `+fenceSQL(2, 3, 4)+`)
+			DELETE FROM `+pt.leases+` WHERE owner = $1 AND `+fenceSQL(2, 3, 4),
+			pt.id, leaderNamespace, p.tableOID, p.lead.token); err != nil {
 			return err
 		}
 		return tx.Commit()

@@ -110,7 +110,9 @@ type Config struct {
 	// everything while the others stand by. At most MaxPartitions.
 	Partitions int
 	// ReplicaID names this publisher in the lease tables. Default: host
-	// name, process id and a random suffix. Must be unique among replicas.
+	// name, process id and a random suffix. Two live publishers of a table
+	// never run under one id: Run waits up to 2 × (LeaderTimeout + 3s) for
+	// another session holding it to end, then returns ErrReplicaIDInUse.
 	ReplicaID string
 	// Logger receives the loop's logs. Default: discard.
 	Logger *slog.Logger
@@ -192,7 +194,11 @@ type Poller struct {
 	parts    *partitions // nil: single-leader mode
 	streams  *streamCache
 	log      *slog.Logger
-	standby  bool                 // standby already logged
+	standby  bool // standby already logged
+	// dupSince: since when another session holds this replica id; dupErr:
+	// held for longer than dupWait, Run returns it.
+	dupSince time.Time
+	dupErr   error
 	stmts    map[string]*sql.Stmt // prepared statements, by query
 	inflight *batch               // sent, not yet finished; see step
 	busy     bool                 // the last claim found rows
@@ -238,6 +244,7 @@ func New(cfg Config) (*Poller, error) {
 			leases: table.Leases().Quoted(), replicas: table.Replicas().Quoted(),
 			retry: backoff{min: cfg.LeaderTimeout / 5, max: cfg.LeaderTimeout}}
 		p.lead.shared = true
+		p.lead.replicaID = cfg.ReplicaID
 		p.lead.renew = p.parts.renewSQL()
 		p.lead.renewArgs = []any{cfg.ReplicaID, p.leaseTTL().Milliseconds()}
 		p.lead.renewFailed = func(err error) { p.log.Warn("renew leases", "err", err) }
@@ -270,9 +277,10 @@ var ErrNATSClosed = errors.New("the NATS connection is closed for good")
 
 // Run publishes until ctx is cancelled, then finishes the batch in flight
 // and returns nil. It returns an error only for a setup failure that
-// retrying cannot fix (such as a missing events table), or one wrapping
-// ErrNATSClosed, after finishing the batch in flight, when the NATS
-// connection is closed.
+// retrying cannot fix: a missing events table, or (ErrReplicaIDInUse)
+// another live publisher of the table running under this ReplicaID. It
+// returns one wrapping ErrNATSClosed, after finishing the batch in flight,
+// when the NATS connection is closed.
 func (p *Poller) Run(ctx context.Context) error {
 	if err := p.resolveTable(ctx); err != nil {
 		return err
@@ -312,6 +320,9 @@ func (p *Poller) Run(ctx context.Context) error {
 		if !p.lead.leading() {
 			sleeping = false
 			if !p.elect(ctx, &bo) {
+				if p.dupErr != nil {
+					break
+				}
 				continue
 			}
 			lastWork = time.Now()
@@ -394,7 +405,7 @@ func (p *Poller) Run(ctx context.Context) error {
 		p.log.Warn("finishing the last batch", "err", err)
 	}
 	p.log.Info("publisher stopped", "published", p.published.Load())
-	return nil
+	return p.dupErr
 }
 
 // stopClosed finishes the batch in flight (its acks will not come, so its
@@ -474,7 +485,26 @@ func (p *Poller) resolveTable(ctx context.Context) error {
 // errors) when it does not. It reports whether this process now leads.
 func (p *Poller) elect(ctx context.Context, bo *backoff) bool {
 	ok, err := p.lead.tryAcquire(ctx)
+	if !errors.Is(err, ErrReplicaIDInUse) {
+		p.dupSince = time.Time{}
+	}
 	switch {
+	case errors.Is(err, ErrReplicaIDInUse):
+		// The holder may be this id's previous process, dead or frozen,
+		// whose session is about to end: give it dupWait.
+		switch {
+		case p.dupSince.IsZero():
+			p.dupSince = time.Now()
+			p.log.Warn("replica id in use by another session; waiting for it to end", "replica_id", p.parts.id,
+				"err", err, "give_up_after", p.dupWait())
+		case time.Since(p.dupSince) >= p.dupWait():
+			p.log.Error("replica id in use by another live publisher; giving up: give every publisher its own replica id",
+				"replica_id", p.parts.id, "err", err)
+			p.dupErr = fmt.Errorf("poller: %w", err)
+			return false
+		}
+		p.sleep(ctx, p.cfg.LeaderTimeout/5, nil)
+		return false
 	case err != nil:
 		if ctx.Err() == nil {
 			d := bo.next()
@@ -508,6 +538,12 @@ func (p *Poller) elect(ctx context.Context, bo *backoff) bool {
 	p.log.Info("leader elected", "table", p.table.String(), "pid", p.lead.pid)
 	return true
 }
+
+// dupWait is how long a publisher waits for another session to release its
+// replica id before giving up: twice the longest a dead or frozen process's
+// lock session lives (LeaderTimeout of idle_session_timeout, or the
+// keepalive probes of a vanished host, 3 s on top).
+func (p *Poller) dupWait() time.Duration { return 2 * (p.cfg.LeaderTimeout + 3*time.Second) }
 
 // stepDown gives up leadership, and in partitioned mode every lease.
 func (p *Poller) stepDown() {
