@@ -5,7 +5,9 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -116,4 +118,45 @@ func (c *command) printHelp(w io.Writer) {
 		notes = append(notes, "env "+strings.Join(c.env[f.Name], ", "))
 		fmt.Fprintf(w, "        (%s)\n", strings.Join(notes, "; "))
 	})
+}
+
+// byteSize is a flag value in bytes: a whole number, with an optional unit
+// KiB, MiB or GiB (32MiB is 33554432). It must be positive.
+type byteSize int
+
+var sizeUnits = []struct {
+	name  string
+	bytes int
+}{{"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}}
+
+func (s *byteSize) String() string {
+	for _, u := range sizeUnits {
+		if *s != 0 && int(*s)%u.bytes == 0 {
+			return strconv.Itoa(int(*s)/u.bytes) + u.name
+		}
+	}
+	return strconv.Itoa(int(*s))
+}
+
+func (s *byteSize) Set(v string) error {
+	num, mult := v, 1
+	for _, u := range sizeUnits {
+		if n, ok := strings.CutSuffix(v, u.name); ok {
+			num, mult = n, u.bytes
+			break
+		}
+	}
+	n, err := strconv.Atoi(strings.TrimSpace(num))
+	if err != nil || n <= 0 || n > math.MaxInt/mult {
+		return fmt.Errorf("%q is not a positive size: give bytes, or a number with KiB, MiB or GiB", v)
+	}
+	*s = byteSize(n * mult)
+	return nil
+}
+
+// Bytes defines a size flag; help names its type with `size` in backquotes.
+func (c *command) Bytes(p *int, name string, def int, help string) {
+	*p = def
+	c.fs.Var((*byteSize)(p), name, help)
+	c.bind(name)
 }

@@ -25,6 +25,7 @@ func runReplay(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		until      string
 		prefix     string
 		batch      int
+		batchBytes int
 		ackTimeout time.Duration
 		dryRun     bool
 	)
@@ -46,6 +47,7 @@ goes to stderr; the counts to stdout.`)
 	c.String(&until, "until", "", "only events created before this time: RFC 3339, or a duration ago (30m)")
 	c.String(&prefix, "subject-prefix", "", "publish to PREFIX.<original subject> instead of the original subject")
 	c.Int(&batch, "batch", 500, "events read from the table at once")
+	c.Bytes(&batchBytes, "batch-bytes", poller.DefaultBatchBytes, "largest total `size` of the events (payloads and headers) read from the table at once: bytes, or a number with KiB, MiB or GiB; a larger event is read alone")
 	c.Duration(&ackTimeout, "ack-timeout", 30*time.Second, "how long to wait for one PubAck before giving up")
 	c.Bool(&dryRun, "dry-run", false, "only count the events that would be replayed")
 	if err := c.parse(args, stdout); err != nil {
@@ -90,7 +92,7 @@ goes to stderr; the counts to stdout.`)
 		return err
 	}
 	defer db.Close()
-	opts := poller.ReplayOptions{SubjectPrefix: prefix, BatchSize: batch, AckTimeout: ackTimeout, DryRun: dryRun}
+	opts := poller.ReplayOptions{SubjectPrefix: prefix, BatchSize: batch, PageBytes: batchBytes, AckTimeout: ackTimeout, DryRun: dryRun}
 	if dryRun {
 		res, err := poller.Replay(ctx, db, nil, o.table, f, opts, nil)
 		if err != nil {

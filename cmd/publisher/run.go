@@ -22,6 +22,7 @@ type runOptions struct {
 	common
 	nats            natsOptions
 	batchSize       int
+	batchBytes      int
 	pollInterval    time.Duration
 	noListen        bool
 	ackTimeout      time.Duration
@@ -61,6 +62,7 @@ join or leave. An entity's events still go out in order.`)
 	o.common.register(c)
 	o.nats.register(c, "NATS server URL(s), comma-separated")
 	c.Int(&o.batchSize, "batch-size", 500, "most events claimed and published at once")
+	c.Bytes(&o.batchBytes, "batch-bytes", poller.DefaultBatchBytes, "largest total `size` of the events (payloads and headers) claimed at once: bytes, or a number with KiB, MiB or GiB; a larger event is claimed alone, and two batches may be in memory")
 	c.Duration(&o.pollInterval, "poll-interval", time.Second, "fallback poll when no NOTIFY arrives")
 	c.Bool(&o.noListen, "no-listen", false, "poll only; do not LISTEN for the insert trigger's NOTIFY")
 	c.Duration(&o.ackTimeout, "ack-timeout", 5*time.Second, "how long a batch waits for JetStream's acks before backing off")
@@ -128,7 +130,7 @@ join or leave. An entity's events still go out in order.`)
 	}
 
 	log.Info("publisher starting", "table", o.table, "database", redact(o.databaseURL), "nats", redactNATS(o.nats.url),
-		"batch_size", o.batchSize, "listen", !o.noListen, "poll_interval", o.pollInterval)
+		"batch_size", o.batchSize, "batch_bytes", o.batchBytes, "listen", !o.noListen, "poll_interval", o.pollInterval)
 	metrics := poller.NewMetrics()
 	var ready readiness
 	if o.httpAddr != "" {
@@ -153,7 +155,7 @@ join or leave. An entity's events still go out in order.`)
 	defer func() { ready.nc.Load().Close() }() // the last connection runPoller made
 
 	cfg := poller.Config{
-		DB: db, DSN: o.databaseURL, NATS: nc, Table: o.table, BatchSize: o.batchSize,
+		DB: db, DSN: o.databaseURL, NATS: nc, Table: o.table, BatchSize: o.batchSize, BatchBytes: o.batchBytes,
 		PollInterval: o.pollInterval, NoListen: o.noListen, AckTimeout: o.ackTimeout,
 		MaxAttempts: o.maxAttempts, RetryBase: o.retryBase, RetryMax: o.retryMax,
 		BackoffMax: o.backoffMax, LeaderTimeout: o.leaderTimeout, Partitions: o.partitions,

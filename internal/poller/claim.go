@@ -51,7 +51,8 @@ type queries struct {
 //  2. take the barrier keys shared (see leader.go and leases.go) and commit
 //     asynchronously: a mark lost in a database crash only means the rows
 //     are sent again, which Nats-Msg-Id and pkg/dedup absorb;
-//  3. select READY rows that are due, in seq order, skipping rows locked by
+//  3. select READY rows that are due, in seq order, up to a number of rows
+//     and of bytes (always at least one row), skipping rows locked by
 //     anyone else and rows whose entity has an earlier event that is FAILED
 //     or waiting for a retry (attempts > 0, available_at in the future);
 //     the fence makes the select empty when this process lost leadership,
@@ -71,31 +72,55 @@ func newQueries(table, leases string, partitions int) queries {
 				SELECT 1 FROM ` + table + ` b
 				WHERE b.entity_type = e.entity_type AND b.entity_id = e.entity_id AND b.seq < e.seq
 				  AND ` + blocksSQL("b") + `)`
-	// fence is the condition on row e, its parameters numbered from n;
-	// live also requires the lease not to have expired.
-	fence := func(n int, live bool) string {
-		f := fenceSQL(n, n+1, n+2)
+	// ours is the condition that row e belongs to this publisher: always
+	// in single-leader mode; in partitioned mode, its partition is leased,
+	// and with live the lease has not expired. Its parameters are numbered
+	// from n, as the fence's.
+	ours := func(n int, live bool) string {
 		if partitions == 0 {
-			return f
+			return `TRUE`
 		}
 		expiry := ""
 		if live {
 			expiry = " AND l.expires_at > statement_timestamp()"
 		}
-		return f + fmt.Sprintf(` AND %s = ANY(ARRAY(SELECT l.part FROM %s l
+		return fmt.Sprintf(`%s = ANY(ARRAY(SELECT l.part FROM %s l
 			WHERE l.owner = $%d AND l.partitions = %d AND l.part = ANY($%d::int[])%s))`,
 			partitionSQL(partitions), leases, n+3, partitions, n+4, expiry)
+	}
+	// fence is the condition on row e, its parameters numbered from n:
+	// this process holds the leader lock, and the row is ours.
+	fence := func(n int, live bool) string {
+		if partitions == 0 {
+			return fenceSQL(n, n+1, n+2)
+		}
+		return fenceSQL(n, n+1, n+2) + ` AND ` + ours(n, live)
 	}
 	q := queries{
 		begin: `SELECT pg_advisory_xact_lock_shared($1, $2::bigint::oid::int),
 			set_config('synchronous_commit', 'off', true),
 			(SELECT count(pg_advisory_xact_lock_shared(` + partitionKeySQL(2, "k") + `)) FROM unnest($3::int[]) k)`,
 		probe: `SELECT EXISTS (SELECT 1 FROM ` + table + ` e WHERE ` + due + `)`,
+		// The claim reads sizes first (octet_length does not detoast) to
+		// find the last seq within the byte budget; a window function
+		// cannot share a SELECT with FOR UPDATE. The rows the budget allows
+		// are then locked as before, up to that seq. Rows locked by the
+		// batch in flight are among those the budget counts (they are due
+		// and first in seq order) and are then skipped.
 		claim: `SELECT e.event_id, e.seq, e.event_target, e.event_type, e.entity_type, e.entity_id,
 				e.event_data, e.headers, e.attempts, e.created_at
 			FROM ` + table + ` e
 			WHERE ` + due + `
-			  AND ` + fence(2, true) + `
+			  AND ` + fence(4, true) + `
+			  AND e.seq <= (SELECT max(s.seq) FROM (
+				SELECT e.seq, ` + rowBytesSQL("e") + ` AS size,
+					sum(` + rowBytesSQL("e") + `) OVER (ORDER BY e.seq ROWS UNBOUNDED PRECEDING) AS running
+				FROM ` + table + ` e
+				WHERE ` + due + `
+				  AND ` + ours(4, true) + `
+				ORDER BY e.seq
+				LIMIT $2) s
+				WHERE s.running <= $3 OR s.running = s.size)
 			ORDER BY e.seq
 			LIMIT $1
 			FOR UPDATE OF e SKIP LOCKED`,
@@ -118,6 +143,13 @@ func newQueries(table, leases string, partitions int) queries {
 			  AND l.expires_at > statement_timestamp()) = cardinality($5::int[])`, leases, partitions)
 	}
 	return q
+}
+
+// rowBytesSQL is what a row of the events table aliased alias counts
+// against the claim's byte budget: its payload and its stored headers, as
+// stored (neither is decompressed to measure it).
+func rowBytesSQL(alias string) string {
+	return `(octet_length(` + alias + `.event_data) + coalesce(pg_column_size(` + alias + `.headers), 0))::bigint`
 }
 
 // blocksSQL is the condition under which the events row aliased alias
@@ -144,13 +176,23 @@ func (p *Poller) fenceArgs() []any {
 	return args
 }
 
-// claim opens the claim transaction and reads up to limit rows. The caller
+// claimBudget bounds a claim: at most rows rows, whose bytes (rowBytesSQL)
+// stay within bytes, except that the first due row is always taken, however
+// large. ahead and aheadBytes are the rows and bytes of the batch still in
+// flight: its rows, still READY and locked by this process, come first
+// among the due rows, so the claim plans past them and then skips them.
+type claimBudget struct {
+	rows, ahead       int
+	bytes, aheadBytes int64
+}
+
+// claim opens the claim transaction and reads the rows b allows. The caller
 // must end tx.
 //
 // When probe is set it first asks whether anything is due and opens no
 // transaction when nothing is: cheap polling while idle. Under load, when
 // the last claim found rows, the probe would only add a round trip.
-func (p *Poller) claim(ctx context.Context, limit int, probe bool) (*sql.Tx, []row, error) {
+func (p *Poller) claim(ctx context.Context, b claimBudget, probe bool) (*sql.Tx, []row, error) {
 	var held []int
 	if p.parts != nil {
 		if held = p.parts.held; len(held) == 0 {
@@ -213,7 +255,8 @@ func (p *Poller) claim(ctx context.Context, limit int, probe bool) (*sql.Tx, []r
 		tx.Rollback() //nolint:errcheck
 		return nil, nil, fmt.Errorf("claim batch: %w", err)
 	}
-	rows, err := claim.QueryContext(ctx, append([]any{limit}, p.fenceArgs()...)...)
+	args := append([]any{b.rows, b.rows + b.ahead, b.bytes + b.aheadBytes}, p.fenceArgs()...)
+	rows, err := claim.QueryContext(ctx, args...)
 	if err != nil {
 		tx.Rollback() //nolint:errcheck
 		return nil, nil, fmt.Errorf("claim batch: %w", err)

@@ -13,11 +13,11 @@ import (
 	"github.com/pgnats/outbox/internal/testenv"
 )
 
-// logLine is one line of a JSON log, with the attributes the outage tests
-// read.
+// logLine is one line of a JSON log, with the attributes tests read.
 type logLine struct {
 	Msg     string        `json:"msg"`
 	Backoff time.Duration `json:"backoff"` // slog's JSON handler writes nanoseconds
+	Rows    int           `json:"rows"`
 }
 
 // jsonLogs returns the lines of a JSON log written at debug level.

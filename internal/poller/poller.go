@@ -6,7 +6,8 @@
 //
 //	wait   until woken: NOTIFY on the table's channel, the fallback poll
 //	       interval, or at once after a full batch
-//	claim  up to BatchSize due READY rows in seq order (claim.go)
+//	claim  up to BatchSize due READY rows, BatchBytes in all, in seq order
+//	       (claim.go)
 //	check  each row's subject maps to a stream that can take its size;
 //	       a row that cannot be published is refused without being sent,
 //	       and later rows of its entity in the batch are left for later
@@ -65,6 +66,11 @@ const (
 	idleAfter  = 250 * time.Millisecond
 )
 
+// DefaultBatchBytes is the default of Config.BatchBytes and of
+// ReplayOptions.PageBytes: 32 MiB, so a publisher with two batches of events
+// in memory stays well within a 256 MiB container.
+const DefaultBatchBytes = 32 << 20
+
 // Config configures a Poller. DB, DSN and NATS are required; every other
 // zero field means its default.
 type Config struct {
@@ -83,6 +89,12 @@ type Config struct {
 	Table string
 	// BatchSize is the most rows claimed at once. Default 500.
 	BatchSize int
+	// BatchBytes is the most bytes of payload and stored headers claimed
+	// at once; a first due event larger than it is claimed alone. The loop
+	// holds at most two batches (one sending, one waiting for its acks),
+	// so about twice BatchBytes of events in memory. Default 32 MiB
+	// (DefaultBatchBytes).
+	BatchBytes int
 	// PollInterval is the fallback poll when no NOTIFY arrives.
 	// Default 1s.
 	PollInterval time.Duration
@@ -128,6 +140,7 @@ type Config struct {
 func (c Config) withDefaults() Config {
 	c.Table = cmp.Or(c.Table, schema.DefaultEvents)
 	c.BatchSize = cmp.Or(c.BatchSize, 500)
+	c.BatchBytes = cmp.Or(c.BatchBytes, DefaultBatchBytes)
 	c.PollInterval = cmp.Or(c.PollInterval, time.Second)
 	c.AckTimeout = cmp.Or(c.AckTimeout, 5*time.Second)
 	c.MaxAttempts = cmp.Or(c.MaxAttempts, 10)
@@ -155,7 +168,7 @@ func (c Config) validate() error {
 		return errors.New("poller: NATS is required")
 	case c.NATS.Opts.ReconnectBufSize >= 0:
 		return errors.New("poller: the NATS connection buffers publishes while reconnecting, which can reorder an entity's events: connect with nats.ReconnectBufSize(-1)")
-	case c.BatchSize < 0, c.PollInterval < 0, c.AckTimeout < 0, c.MaxAttempts < 0,
+	case c.BatchSize < 0, c.BatchBytes < 0, c.PollInterval < 0, c.AckTimeout < 0, c.MaxAttempts < 0,
 		c.RetryBase < 0, c.RetryMax < 0, c.BackoffMin < 0, c.BackoffMax < 0, c.LeaderTimeout < 0:
 		return errors.New("poller: sizes and durations must not be negative")
 	case c.Partitions < 0 || c.Partitions > MaxPartitions:

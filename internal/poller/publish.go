@@ -76,7 +76,7 @@ func (p *Poller) step(ctx context.Context) (n int, healthy bool, err error) {
 				skip = prev.refusedEntities
 			}
 			if err = p.brokerAnswers(ctx); err == nil {
-				cur, err = p.start(ctx, skip)
+				cur, err = p.start(ctx, skip, prev)
 			}
 		}
 	}
@@ -128,10 +128,15 @@ func (p *Poller) drain(ctx context.Context) error {
 }
 
 // start claims a batch and sends its rows, except rows of entities in skip.
-// It returns nil when nothing was due.
-func (p *Poller) start(ctx context.Context, skip map[string]bool) (*batch, error) {
+// ahead is the batch in flight, or nil: together the two hold at most
+// about twice BatchBytes. It returns nil when nothing was due.
+func (p *Poller) start(ctx context.Context, skip map[string]bool, ahead *batch) (*batch, error) {
 	started := time.Now()
-	tx, rows, err := p.claim(ctx, p.cfg.BatchSize, !p.busy)
+	budget := claimBudget{rows: p.cfg.BatchSize, bytes: int64(p.cfg.BatchBytes)}
+	if ahead != nil {
+		budget.ahead, budget.aheadBytes = len(ahead.rows), ahead.bytes()
+	}
+	tx, rows, err := p.claim(ctx, budget, !p.busy)
 	p.busy = len(rows) > 0
 	if err != nil {
 		return nil, err
@@ -142,8 +147,8 @@ func (p *Poller) start(ctx context.Context, skip map[string]bool) (*batch, error
 		}
 		return nil, nil
 	}
-	p.log.Debug("batch claimed", "rows", len(rows), "first_seq", rows[0].seq)
 	b := &batch{tx: tx, rows: rows, started: started, checked: time.Now(), refusedEntities: map[string]bool{}}
+	p.log.Debug("batch claimed", "rows", len(rows), "bytes", b.bytes(), "first_seq", rows[0].seq)
 	p.send(ctx, b, skip)
 	return b, nil
 }
@@ -229,6 +234,15 @@ func (p *Poller) send(ctx context.Context, b *batch, skip map[string]bool) {
 		}
 		b.sent = append(b.sent, inflight{r: r, paf: paf, at: time.Now()})
 	}
+}
+
+// bytes is what the batch's rows count against the claim's byte budget.
+func (b *batch) bytes() int64 {
+	var n int64
+	for i := range b.rows {
+		n += int64(len(b.rows[i].data) + len(b.rows[i].headers))
+	}
+	return n
 }
 
 func (b *batch) refuse(r *row, reason string, permanent bool) {

@@ -37,6 +37,11 @@ type ReplayOptions struct {
 	SubjectPrefix string
 	// BatchSize is how many rows are read at once. Default: 500.
 	BatchSize int
+	// PageBytes is the most bytes of payload and stored headers read at
+	// once; a first event larger than it is read alone. A page is sent and
+	// acknowledged before the next is read, so it bounds the events held
+	// in memory. Default: DefaultBatchBytes (32 MiB).
+	PageBytes int
 	// MaxInFlight bounds the messages sent and not yet acknowledged.
 	// Default: 256.
 	MaxInFlight int
@@ -93,6 +98,7 @@ func Replay(ctx context.Context, db *sql.DB, js jetstream.JetStream, table strin
 		return res, errors.New("replay: a run id is required")
 	}
 	o.BatchSize = cmp.Or(o.BatchSize, 500)
+	o.PageBytes = cmp.Or(o.PageBytes, DefaultBatchBytes)
 	o.MaxInFlight = cmp.Or(o.MaxInFlight, 256)
 	o.AckTimeout = cmp.Or(o.AckTimeout, 30*time.Second)
 	t := name.Quoted()
@@ -109,16 +115,25 @@ func Replay(ctx context.Context, db *sql.DB, js jetstream.JetStream, table strin
 
 	// Keyset pagination on seq: the last seq read is the next page's lower
 	// bound, so events written meanwhile with a higher seq may be included,
-	// and the count only estimates the total.
-	page := `SELECT event_id, seq, event_target, event_type, entity_type, entity_id,
-			event_data, headers, attempts, created_at
-		FROM ` + t + ` WHERE ` + where + fmt.Sprintf(` AND seq > $%d ORDER BY seq LIMIT $%d`, len(args)+1, len(args)+2)
+	// and the count only estimates the total. A page ends at BatchSize rows
+	// or PageBytes bytes (sizes are read without detoasting the payloads),
+	// whichever comes first, and holds at least one row.
+	cols := `event_id, seq, event_target, event_type, entity_type, entity_id, event_data, headers, attempts, created_at`
+	page := `SELECT ` + cols + ` FROM (
+			SELECT ` + cols + `, ` + rowBytesSQL("e") + ` AS size,
+				sum(` + rowBytesSQL("e") + `) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) AS running
+			FROM ` + t + ` e WHERE ` + where + fmt.Sprintf(` AND seq > $%d ORDER BY seq LIMIT $%d`, len(args)+1, len(args)+2) + `) p
+		WHERE ` + fmt.Sprintf(`p.running <= $%d OR p.running = p.size`, len(args)+3) + `
+		ORDER BY seq`
 	r := replayer{js: js, o: o, res: &res}
 	var last int64
 	for {
-		rows, err := readReplayPage(ctx, db, page, append(args, last, o.BatchSize))
+		rows, err := readReplayPage(ctx, db, page, append(args, last, o.BatchSize, o.PageBytes))
 		if err != nil {
 			return res, err
+		}
+		if len(rows) == 0 {
+			return res, nil
 		}
 		for i := range rows {
 			if err := r.send(ctx, &rows[i]); err != nil {
@@ -129,9 +144,6 @@ func Replay(ctx context.Context, db *sql.DB, js jetstream.JetStream, table strin
 			return res, err
 		}
 		progress(res.Published, max(res.Selected, res.Published))
-		if len(rows) < o.BatchSize {
-			return res, nil
-		}
 		last = rows[len(rows)-1].seq
 	}
 }
