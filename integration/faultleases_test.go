@@ -60,6 +60,7 @@ type leaseReplicas struct {
 	t       *testing.T
 	b       *bundle
 	started int
+	flags   []string // added to every replica's flags
 	all     []*process
 	live    []*process // started and not yet killed or stopped by the test
 	id, app map[*process]string
@@ -69,11 +70,12 @@ func newLeaseReplicas(t *testing.T, b *bundle) *leaseReplicas {
 	return &leaseReplicas{t: t, b: b, id: map[*process]string{}, app: map[*process]string{}}
 }
 
-// threeSettledReplicas starts three partitioned replicas with new ids and
-// waits until they hold 4 partitions each.
-func threeSettledReplicas(t *testing.T, b *bundle) *leaseReplicas {
+// threeSettledReplicas starts three partitioned replicas with new ids (and
+// flags added to each) and waits until they hold 4 partitions each.
+func threeSettledReplicas(t *testing.T, b *bundle, flags ...string) *leaseReplicas {
 	t.Helper()
 	rs := newLeaseReplicas(t, b)
+	rs.flags = flags
 	for range 3 {
 		rs.start("")
 	}
@@ -92,7 +94,7 @@ func (rs *leaseReplicas) start(id string) *process {
 		id = fmt.Sprintf("r%d", rs.started)
 	}
 	p, app := startReplica(rs.t, rs.b, fmt.Sprintf("replica %d (%s)", rs.started, id),
-		"--partitions", strconv.Itoa(faultPartitions), "--replica-id", id)
+		append([]string{"--partitions", strconv.Itoa(faultPartitions), "--replica-id", id}, rs.flags...)...)
 	rs.all = append(rs.all, p)
 	rs.live = append(rs.live, p)
 	rs.id[p], rs.app[p] = id, app
@@ -460,4 +462,140 @@ func faultLeaseIntruder(t *testing.T) faultRow {
 		r.failed = true
 	}
 	return r
+}
+
+// The transactions a partitioned replica opens, as pg_stat_activity shows
+// them while it is frozen: $1 is the application_name of its pool, or for
+// a renewal the backend pid of its lock session.
+var frozenInSQL = map[string]string{
+	// A claim transaction, open until its batch is marked.
+	"claim": claimTxSQL,
+	// A lease round: it holds the round's lock (obx5) exclusively.
+	"lease round": `SELECT count(*) FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid
+		WHERE a.application_name = $1 AND a.state = 'idle in transaction'
+		  AND l.locktype = 'advisory' AND l.granted AND l.mode = 'ExclusiveLock'
+		  AND l.classid = x'6f627835'::int::oid AND l.objsubid = 2`,
+	// A renewal of its leases (one statement on the lock session, run by
+	// the heartbeat), running or ended within 60 ms of the check.
+	"renewal": `SELECT count(*) FROM pg_stat_activity a
+		WHERE a.pid = $1 AND a.query LIKE 'WITH seen AS%'
+		  AND (a.state = 'active' OR a.state_change > clock_timestamp() - interval '60 milliseconds')`,
+}
+
+// stopInside SIGSTOPs p at random moments until the stop lands while the
+// query of kind (frozenInSQL) finds p inside that kind of transaction, and
+// reports whether one did and after how many tries.
+func (rs *leaseReplicas) stopInside(p *process, kind string) (bool, int) {
+	pid := p.cmd.Process.Pid
+	for i := range 3000 {
+		_ = syscall.Kill(pid, syscall.SIGSTOP)
+		time.Sleep(20 * time.Millisecond)
+		var n int
+		var arg any = rs.app[p]
+		if kind == "renewal" {
+			arg = rs.lockPID(p)
+		}
+		_ = rs.b.db.Get(&n, frozenInSQL[kind], arg)
+		if n > 0 {
+			return true, i + 1
+		}
+		_ = syscall.Kill(pid, syscall.SIGCONT)
+		time.Sleep(time.Duration(rand.IntN(30)) * time.Millisecond)
+	}
+	return false, 3000
+}
+
+// frozenLeaderTimeout and frozenAckTimeout are the flags of 13f: the claim
+// transaction of a frozen replica ends after 2 × 1 s + 5 s = 7 s idle,
+// within the 2 × --leader-timeout = 10 s its partitions must move within.
+const (
+	frozenLeaderTimeout = 5 * time.Second
+	frozenAckTimeout    = time.Second
+)
+
+// faultPartitionsFrozenInside: three partitioned replicas; for each kind of
+// transaction a replica opens (claim, lease round, renewal), one replica
+// is SIGSTOPped at random moments until a stop lands inside one. The
+// others must keep publishing their own partitions, and take over the
+// frozen replica's partitions and publish from them, within 2 ×
+// --leader-timeout; then it is SIGCONTed and must rejoin.
+func faultPartitionsFrozenInside(t *testing.T) faultRow {
+	b := setup(t)
+	l := newFaultLedger()
+	c := startFaultConsumer(t, b, testenv.NATSURL(), b.stream, 0)
+	fw := startFaultWriters(t, b, l, steadyLoad)
+	rs := threeSettledReplicas(t, b, "--leader-timeout", frozenLeaderTimeout.String(), "--ack-timeout", frozenAckTimeout.String())
+	limit := 2 * frozenLeaderTimeout
+	successIn := func(parts []int, in bool) int {
+		var n int
+		_ = b.db.Get(&n, `SELECT count(*) FROM events WHERE event_status = 'SUCCESS'
+			AND (`+partitionOfSQL+` = ANY($1)) = $2`, pq.Array(parts), in)
+		return n
+	}
+	failed := false
+	var notes []string
+	frozen := map[*process]bool{}
+	for _, kind := range []string{"claim", "lease round", "renewal"} {
+		pause(2 * time.Second)
+		victim := rs.live[rand.IntN(len(rs.live))]
+		id := rs.id[victim]
+		frozen[victim] = true
+		landed, tries := rs.stopInside(victim, kind)
+		stopped := time.Now()
+		var leased []int
+		_ = b.db.Select(&leased, `SELECT part FROM events_leases WHERE owner = $1 ORDER BY part`, id)
+		others0, frozen0 := successIn(leased, false), successIn(leased, true)
+		// The others' publishing, sampled until the frozen partitions
+		// moved: its longest pause.
+		var longest time.Duration
+		last, lastAt := others0, stopped
+		var takenIn, movedIn time.Duration
+		waitFor(30*time.Second, func() bool {
+			now := time.Now()
+			if n := successIn(leased, false); n > last {
+				longest, last, lastAt = max(longest, now.Sub(lastAt)), n, now
+			}
+			if takenIn == 0 && rs.allHeld(victim) {
+				takenIn = now.Sub(stopped)
+			}
+			if movedIn == 0 && successIn(leased, true) > frozen0 {
+				movedIn = now.Sub(stopped)
+			}
+			return takenIn > 0 && movedIn > 0
+		})
+		longest = max(longest, time.Since(lastAt))
+		_ = syscall.Kill(victim.cmd.Process.Pid, syscall.SIGCONT)
+		resumed := time.Now()
+		rebalancedIn, rebalanced := rs.settled(30*time.Second, resumed)
+		ok := landed && takenIn > 0 && takenIn <= limit && movedIn > 0 && movedIn <= limit && longest <= limit && rebalanced
+		notes = append(notes, fmt.Sprintf("%s: %s stopped inside one %v after %d tries, leasing %v; its partitions all held by the others %s and publishing %s after SIGSTOP (limit %s); the others' publishing paused at most %s; 4/4/4 again %v %s after SIGCONT",
+			kind, id, landed, tries, leased, round(takenIn), round(movedIn), limit, round(longest), rebalanced, rebalancedIn))
+		if !ok {
+			failed = true
+		}
+	}
+	pause(2 * time.Second)
+	fw.stop()
+	r := settle(t, b, l, b.js, b.stream, c, nil, nil)
+	r.note("--leader-timeout %s --ack-timeout %s", frozenLeaderTimeout, frozenAckTimeout)
+	for _, n := range notes {
+		r.note("%s", n)
+	}
+	losses := 0
+	for _, p := range rs.all {
+		if !frozen[p] {
+			losses += strings.Count(p.Logs(), logLockLost)
+		}
+	}
+	r.note("lock sessions lost by replicas never frozen: %d", losses)
+	r.failed = r.failed || failed
+	return r
+}
+
+// round shows a measured delay, or "never" for one that did not happen.
+func round(d time.Duration) string {
+	if d == 0 {
+		return "never"
+	}
+	return d.Round(10 * time.Millisecond).String()
 }

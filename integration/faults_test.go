@@ -62,6 +62,7 @@ func TestFaults(t *testing.T) {
 		{"13c partitioned replicas join and leave", faultPartitionsJoinLeave},
 		{"13d partitioned replicas, backends terminated", faultPartitionsTerminate},
 		{"13e a lease taken over while its replica lives", faultLeaseIntruder},
+		{"13f partitioned replicas, one frozen inside each kind of transaction", faultPartitionsFrozenInside},
 	} {
 		t.Run(strings.ReplaceAll(sc.name, " ", "_"), func(t *testing.T) {
 			began := time.Now()
