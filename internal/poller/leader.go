@@ -92,8 +92,10 @@ type leader struct {
 	renew       string
 	renewArgs   []any
 	renewFailed func(error) // called from the heartbeat goroutine
-	// replicaID, when set, is locked on the session before the leader lock.
+	// replicaID, when set, is locked on the session before the leader lock;
+	// idLocked: the session holds that lock.
 	replicaID string
+	idLocked  bool
 
 	db   *sql.DB   // a pool of one: the session that tries for, then holds, the lock
 	conn *sql.Conn // that session; kept open by a standby between tries
@@ -120,7 +122,7 @@ func (l *leader) tryAcquire(ctx context.Context) (bool, error) {
 			return false, err
 		}
 	}
-	if l.replicaID != "" {
+	if l.replicaID != "" && !l.idLocked {
 		if err := l.lockReplicaID(ctx); err != nil {
 			return false, err
 		}
@@ -222,6 +224,7 @@ func (l *leader) lockReplicaID(ctx context.Context) error {
 		return fmt.Errorf("lock replica id: %w", err)
 	}
 	if ok {
+		l.idLocked = true
 		return nil
 	}
 	var (
@@ -246,7 +249,7 @@ func (l *leader) disconnect() {
 		l.conn.Close()
 		l.db.Close()
 	}
-	l.db, l.conn = nil, nil
+	l.db, l.conn, l.idLocked = nil, nil, false
 }
 
 // barrier waits until no claim transaction of an earlier leader is open:
