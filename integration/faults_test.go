@@ -63,6 +63,7 @@ func TestFaults(t *testing.T) {
 		{"13d partitioned replicas, backends terminated", faultPartitionsTerminate},
 		{"13e a lease taken over while its replica lives", faultLeaseIntruder},
 		{"13f partitioned replicas, one frozen inside each kind of transaction", faultPartitionsFrozenInside},
+		{"14 2,000 events of 900 KiB, memory sampled", faultBigEvents},
 	} {
 		t.Run(strings.ReplaceAll(sc.name, " ", "_"), func(t *testing.T) {
 			began := time.Now()

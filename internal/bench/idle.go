@@ -64,7 +64,7 @@ func (e *env) idle(ctx context.Context) (cpuPercent, rssMiB float64, err error) 
 	}
 	elapsed := time.Since(start)
 	e.prog.done()
-	rss, err := rssKiB(pid)
+	rss, err := StatusKiB(pid, "VmRSS")
 	if err != nil {
 		return 0, 0, err
 	}
@@ -91,18 +91,19 @@ func cpuTicks(pid int) (int64, error) {
 	return ut + st, nil
 }
 
-// rssKiB returns a process's resident set size.
-func rssKiB(pid int) (int64, error) {
+// StatusKiB returns a memory field of a process's /proc/PID/status, in
+// KiB: "VmRSS" (resident set size now) or "VmHWM" (its peak), for example.
+func StatusKiB(pid int, field string) (int64, error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return 0, err
 	}
 	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+		if v, ok := strings.CutPrefix(line, field+":"); ok {
 			return strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
 		}
 	}
-	return 0, fmt.Errorf("no VmRSS in /proc/%d/status", pid)
+	return 0, fmt.Errorf("no %s in /proc/%d/status", field, pid)
 }
 
 // lockedBuffer collects a child's stderr while the bench reads it.
