@@ -98,9 +98,10 @@ func (p *Poller) step(ctx context.Context) (n int, healthy bool, err error) {
 }
 
 // brokerAnswers, after a batch hit an outage, checks that the NATS
-// connection is up and that JetStream answers an API request (account
-// info, which touches no stream), before the loop claims again. It returns
-// nil at once when no outage was seen since the last check that passed.
+// connection is up and that JetStream answers an API request before the
+// loop claims again: it reads the stream list afresh, which the checks
+// before sending use and which the outage may have changed. It returns nil
+// at once when no outage was seen since the last check that passed.
 func (p *Poller) brokerAnswers(ctx context.Context) error {
 	if !p.suspect || p.cfg.SkipPublish {
 		return nil
@@ -110,8 +111,8 @@ func (p *Poller) brokerAnswers(ctx context.Context) error {
 	}
 	actx, cancel := context.WithTimeout(ctx, p.cfg.AckTimeout)
 	defer cancel()
-	if _, err := p.js.AccountInfo(actx); err != nil {
-		return fmt.Errorf("ask JetStream for account info: %w", err)
+	if err := p.streams.refresh(actx); err != nil {
+		return err
 	}
 	p.suspect = false
 	return nil
