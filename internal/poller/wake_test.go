@@ -183,3 +183,34 @@ func TestOpenWriterTransactionKeepsIdleCostBounded(t *testing.T) {
 	testenv.Eventually(t, 10*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == published+1 },
 		"the event of the long transaction is published once it commits")
 }
+
+// A NOTIFY sent while the LISTEN connection is down is lost: PostgreSQL
+// queues nothing for a session that is gone. The publisher must look again
+// once the connection is back, not sleep until the fallback poll (an hour
+// here). Each round ends the listening backend while the publisher sleeps,
+// commits an event as soon as that backend is gone (before or after the
+// listener reconnects, whichever the race gives), and expects it published.
+func TestEventWrittenWhileListenConnectionIsDownIsPublished(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	cfg := fastConfig()
+	cfg.PollInterval = time.Hour
+	b.start(t, cfg)
+	listen := `LISTEN ` + pq.QuoteIdentifier(schema.Channel(int64(b.db.Int(t, `SELECT to_regclass('events')::oid::int`))))
+
+	for round := range 4 {
+		testenv.Eventually(t, 10*time.Second, func() bool { return b.sleeping(t) },
+			"round %d: the idle publisher sleeps", round)
+		var pid int
+		testenv.Eventually(t, 10*time.Second, func() bool {
+			return b.db.Get(&pid, `SELECT pid FROM pg_stat_activity WHERE query = $1`, listen) == nil
+		}, "round %d: the publisher's listening backend is found", round)
+		require.Equal(t, 1, b.db.Int(t, `SELECT count(pg_terminate_backend($1))`, pid))
+		testenv.Eventually(t, 10*time.Second, func() bool {
+			return b.db.Int(t, `SELECT count(*) FROM pg_stat_activity WHERE pid = $1`, pid) == 0
+		}, "round %d: the listening backend is gone", round)
+		b.write(t, changes(b.prefix+".order.changed", 1, 1)...)
+		testenv.Eventually(t, 20*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == round+1 },
+			"round %d: the event committed while the listener was down is published", round)
+	}
+}
