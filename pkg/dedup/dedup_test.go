@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -444,4 +445,80 @@ func TestResult_String(t *testing.T) {
 	} {
 		require.Equal(t, tc.want, tc.res.String())
 	}
+}
+
+// Contexts cancelled at any moment of Process (before the insert, while the
+// handler runs, around the commit) and handlers that fail, on a small pool,
+// leave no connection
+// behind, never cancel another call's statements on a reused connection (a
+// cancel request racing the connection's return to the pool), and keep the
+// record and the handler's effects together: afterwards every message is
+// processed exactly once, by the first pass or by a second one.
+func TestProcessUnderCancelledContexts(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	b.db.SetMaxOpenConns(2)
+	const n = 200
+	var (
+		wg        sync.WaitGroup
+		processed atomic.Int32
+		collat    atomic.Int32
+	)
+	for w := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := w; i < n; i += 8 {
+				msgID := "m" + strconv.Itoa(i)
+				handler := func(ctx context.Context, tx *sqlx.Tx) error {
+					if err := writeEffect(ctx, tx, "c", msgID); err != nil {
+						return err
+					}
+					if _, err := tx.ExecContext(ctx, `SELECT pg_sleep($1)`, float64(i%5)/1000); err != nil {
+						return err
+					}
+					if i%10 == 1 {
+						return errors.New("handler failed")
+					}
+					return nil
+				}
+				if i%3 == 0 && i%10 != 1 {
+					// A call nobody cancels must always succeed.
+					if _, err := b.p.Process(context.Background(), "c", msgID, handler); err != nil {
+						collat.Add(1)
+						t.Errorf("uncancelled Process of %s: %v", msgID, err)
+					}
+					processed.Add(1)
+					continue
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), time.Duration(i%7)*time.Millisecond)
+				res, err := b.p.Process(ctx, "c", msgID, handler)
+				cancel()
+				if err == nil && res == dedup.Processed {
+					processed.Add(1)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	require.Zero(t, collat.Load(), "calls failed although their context was never cancelled")
+	require.Equal(t, 0, b.db.Int(t, `SELECT count(*) FROM processed_message p
+		WHERE NOT EXISTS (SELECT 1 FROM effects e WHERE e.message_id = p.message_id)`), "recorded without effect")
+	require.Equal(t, 0, b.db.Int(t, `SELECT count(*) FROM effects e
+		WHERE NOT EXISTS (SELECT 1 FROM processed_message p WHERE p.message_id = e.message_id)`), "effect without record")
+	require.GreaterOrEqual(t, b.db.Int(t, `SELECT count(*) FROM processed_message`), int(processed.Load()))
+
+	// The pool is intact: a second pass processes what the first did not.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for i := range n {
+		msgID := "m" + strconv.Itoa(i)
+		_, err := b.p.Process(ctx, "c", msgID, func(ctx context.Context, tx *sqlx.Tx) error {
+			return writeEffect(ctx, tx, "c", msgID)
+		})
+		require.NoError(t, err, "second pass, %s", msgID)
+	}
+	require.Equal(t, n, b.db.Int(t, `SELECT count(*) FROM effects`), "effects of %d messages", n)
+	require.Equal(t, n, b.db.Int(t, `SELECT count(DISTINCT message_id) FROM effects`), "every message handled once")
+	require.Zero(t, b.db.Stats().InUse, "connections still in use after every call returned")
 }
