@@ -2,12 +2,14 @@ package poller_test
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"log/slog"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/stretchr/testify/require"
 
 	"github.com/pgnats/outbox/internal/testenv"
@@ -84,4 +86,57 @@ func TestBrokerOutageBacksOffToTheMaxWithoutClaiming(t *testing.T) {
 		"all %d events SUCCESS once the broker is back", len(events))
 	require.Zero(t, b.db.Int(t, `SELECT count(*) FROM events WHERE attempts > 0`), "an outage must not burn attempts")
 	requireOnceInOrder(t, b.received(t), len(events))
+}
+
+// One stream that cannot store (full under DiscardNew, a subject at its
+// per-subject limit, a stream that never acks) must not stop events bound
+// for other streams: they are other entities on other subjects, and
+// nothing stops the broker from storing them.
+func TestOneStuckStreamDoesNotStallOthers(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name string
+		cfg  jetstream.StreamConfig
+		fill int // messages stored in the stuck stream before the test
+	}{
+		{"full under DiscardNew", jetstream.StreamConfig{MaxMsgs: 1, Discard: jetstream.DiscardNew}, 1},
+		{"subject at its per-subject limit", jetstream.StreamConfig{MaxMsgsPerSubject: 1,
+			Discard: jetstream.DiscardNew, DiscardNewPerSubject: true}, 1},
+		{"no acks", jetstream.StreamConfig{NoAck: true}, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			b := setup(t) // its stream, b.prefix, is the healthy one
+			stuck := "s" + testenv.Suffix()
+			cfg := tc.cfg
+			cfg.Name = "STUCK_" + stuck
+			cfg.Subjects = []string{stuck + ".>"}
+			cfg.Storage = jetstream.MemoryStorage
+			cfg.Duplicates = time.Minute
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			_, err := b.js.CreateStream(ctx, cfg)
+			require.NoError(t, err)
+			t.Cleanup(func() { _ = b.js.DeleteStream(context.Background(), cfg.Name) })
+			for range tc.fill {
+				_, err := b.js.Publish(ctx, stuck+".order.changed", []byte("{}"))
+				require.NoError(t, err)
+			}
+
+			pcfg := fastConfig()
+			pcfg.AckTimeout = 500 * time.Millisecond
+			p := b.start(t, pcfg)
+			b.write(t, ofEntities(stuck+".order.changed", "stuck", "stuck")...)
+			testenv.Eventually(t, 15*time.Second, func() bool { return p.Stats().Backoffs >= 2 },
+				"the loop backs off on the stuck stream")
+			healthy := changes(b.prefix+".order.changed", 5, 2)
+			b.write(t, healthy...)
+			testenv.Eventually(t, 15*time.Second, func() bool {
+				return b.db.Int(t, `SELECT count(*) FROM events WHERE event_status = 'SUCCESS' AND event_target LIKE $1`,
+					b.prefix+".%") == len(healthy)
+			}, "the %d events for the healthy stream are published", len(healthy))
+			require.Equal(t, 2, b.db.Int(t, `SELECT count(*) FROM events WHERE event_status = 'READY' AND attempts = 0
+				AND event_target LIKE $1`, stuck+".%"), "the stuck stream's events wait, READY, no attempt burnt")
+		})
+	}
 }
