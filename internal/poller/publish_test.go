@@ -2,10 +2,12 @@ package poller_test
 
 import (
 	"context"
+	"net/url"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/jmoiron/sqlx"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/stretchr/testify/require"
 
@@ -189,4 +191,40 @@ func TestBrokerRestartLosesNothing(t *testing.T) {
 	require.Zero(t, b.db.Int(t, `SELECT count(*) FROM events WHERE attempts > 0`), "an outage must not burn attempts")
 	require.Zero(t, p.Stats().Refused)
 	requireOnceInOrder(t, b.received(t), total)
+}
+
+// The Outbox-Created-At header is the event's created_at instant whatever
+// the time zone of the sessions that write and publish it: here the writer
+// and the publisher run in zones 13:45 and 5:45 ahead of UTC, and the
+// instant in the header equals the stored one.
+func TestCreatedAtHeaderIsTheStoredInstantInAnyTimeZone(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	inZone := func(zone string) *sqlx.DB {
+		db, err := sqlx.Open("postgres", b.db.DSN+"&timezone="+url.QueryEscape(zone))
+		require.NoError(t, err)
+		t.Cleanup(func() { db.Close() })
+		var got string
+		require.NoError(t, db.Get(&got, `SHOW TimeZone`))
+		require.Equal(t, zone, got)
+		return db
+	}
+	writer, publisher := inZone("Pacific/Chatham"), inZone("Asia/Kathmandu")
+	tx, err := writer.Beginx()
+	require.NoError(t, err)
+	_, err = b.w.Write(context.Background(), tx, changes(b.prefix+".order.changed", 3, 1)...)
+	require.NoError(t, err)
+	require.NoError(t, tx.Commit())
+	cfg := fastConfig()
+	cfg.DB = publisher.DB
+	b.start(t, cfg)
+	testenv.Eventually(t, 10*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == 3 }, "published")
+
+	for _, m := range b.received(t) {
+		h := m.Headers()
+		at, err := time.Parse(time.RFC3339Nano, h.Get("Outbox-Created-At"))
+		require.NoError(t, err)
+		require.Equal(t, 1, b.db.Int(t, `SELECT count(*) FROM events WHERE event_id = $1 AND created_at = $2`,
+			h.Get("Outbox-Event-Id"), at), "created_at of %s is %s", h.Get("Outbox-Event-Id"), at)
+	}
 }
