@@ -4,7 +4,9 @@ import (
 	"context"
 	"database/sql"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/lib/pq"
@@ -259,6 +261,9 @@ func (p *Poller) claim(ctx context.Context, b claimBudget, probe bool) (*sql.Tx,
 	rows, err := claim.QueryContext(ctx, args...)
 	if err != nil {
 		tx.Rollback() //nolint:errcheck
+		if replanned(err) {
+			p.closeStmts()
+		}
 		return nil, nil, fmt.Errorf("claim batch: %w", err)
 	}
 	out, err := scanRows(rows)
@@ -371,7 +376,20 @@ func (p *Poller) stmt(ctx context.Context, tx *sql.Tx, query string) (*sql.Stmt,
 	return s, nil
 }
 
-// closeStmts releases the prepared statements.
+// replanned reports whether err is PostgreSQL refusing a prepared
+// statement because the type of a column it returns changed since it was
+// prepared (a migration such as 0003 altered the table meanwhile). The
+// statement then fails on that connection every time, so the loop would
+// back off forever; closing the prepared statements makes the next claim
+// prepare them again, for the table as it is now.
+func replanned(err error) bool {
+	var pe *pq.Error
+	return errors.As(err, &pe) && pe.Code == "0A000" &&
+		strings.Contains(pe.Message, "cached plan must not change result type")
+}
+
+// closeStmts releases the prepared statements. Statements bound to a
+// transaction still open stay usable until it ends.
 func (p *Poller) closeStmts() {
 	for q, s := range p.stmts {
 		s.Close()

@@ -473,13 +473,23 @@ func (p *Poller) wakeUp(ctx context.Context) bool {
 	return true
 }
 
-// resolveTable finds the events table's oid, the key of its locks.
+// resolveTable finds the events table's oid, the key of its locks, and
+// checks that the table has the payload column this code reads.
 func (p *Poller) resolveTable(ctx context.Context) error {
 	bo := backoff{min: p.cfg.BackoffMin, max: p.cfg.BackoffMax}
 	for {
-		var oid sql.NullInt64
-		err := p.db.QueryRowContext(ctx, `SELECT to_regclass($1)::oid::bigint`, p.table.Quoted()).Scan(&oid)
+		var (
+			oid     sql.NullInt64
+			payload sql.NullString
+		)
+		err := p.db.QueryRowContext(ctx, resolveTableSQL, p.table.Quoted()).Scan(&oid, &payload)
 		switch {
+		case err == nil && oid.Valid && payload.String != "bytea":
+			// The claim measures and reads payloads as bytes: against an
+			// earlier schema it would fail on every try, backing off
+			// forever with the process up and looking healthy.
+			return fmt.Errorf("events table %s is at an earlier schema version (event_data is %s, not bytea): run 'publisher migrate' first",
+				p.table, cmp.Or(payload.String, "missing"))
 		case err == nil && oid.Valid:
 			p.tableOID, p.lead.tableOID = oid.Int64, oid.Int64
 			return nil
@@ -493,6 +503,12 @@ func (p *Poller) resolveTable(ctx context.Context) error {
 		p.sleep(ctx, d, nil)
 	}
 }
+
+// resolveTableSQL returns the oid of the table named $1 (NULL when there
+// is none) and the type of its event_data column.
+const resolveTableSQL = `SELECT t.oid::bigint, (SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+	WHERE a.attrelid = t.oid AND a.attname = 'event_data' AND NOT a.attisdropped)
+	FROM (SELECT to_regclass($1)::oid AS oid) t`
 
 // elect tries to become leader, waiting a poll interval (or backing off on
 // errors) when it does not. It reports whether this process now leads.
