@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"strings"
 	"testing"
 	"time"
 
@@ -110,4 +111,48 @@ func TestRequeueFilters(t *testing.T) {
 			require.Contains(t, r.stderr, tc.stderr, "%v", tc.args)
 		}
 	})
+}
+
+// Ids and entities are found however they are written: an event id in
+// upper case (as some tools print UUIDs) and an entity whose type holds a
+// slash, chosen with --entity-type and --entity-id. An id that is no UUID
+// is a usage error naming it, not zero events requeued.
+func TestRequeueFindsIdsAndEntitiesAsWritten(t *testing.T) {
+	t.Parallel()
+	prefix := "t" + testenv.Suffix()
+	b := newBundle(t, nil, "", prefix)
+	tx, err := b.db.Beginx()
+	require.NoError(t, err)
+	ids, err := b.w.Write(t.Context(), tx,
+		outbox.Event{EntityType: "order", EntityID: "e1", Type: "OrderUpdated", Subject: prefix + ".order.updated", Data: payload{Entity: "e1"}},
+		outbox.Event{EntityType: "billing/invoice", EntityID: "7", Type: "InvoiceIssued", Subject: prefix + ".invoice.issued", Data: payload{Entity: "7"}},
+		outbox.Event{EntityType: "billing", EntityID: "invoice/7", Type: "InvoiceIssued", Subject: prefix + ".invoice.issued", Data: payload{Entity: "i7"}})
+	require.NoError(t, err)
+	require.NoError(t, tx.Commit())
+	b.db.MustExec(`UPDATE events SET event_status = 'FAILED', attempts = 3, last_error = 'x'`)
+
+	r := requireCLI(t, "requeue", "--dry-run", "--id", strings.ToUpper(ids[0].String()), "--database-url", b.db.DSN)
+	require.Equal(t, "would requeue 1 FAILED event\n", r.stdout, "an upper-case id")
+	r = requireCLI(t, "requeue", "--dry-run", "--id", "{"+ids[0].String()+"}", "--database-url", b.db.DSN)
+	require.Equal(t, "would requeue 1 FAILED event\n", r.stdout, "a braced id")
+
+	r = requireCLI(t, "requeue", "--entity-type", "billing/invoice", "--entity-id", "7", "--database-url", b.db.DSN)
+	require.Equal(t, "requeued 1 FAILED event\n", r.stdout, "an entity type with a slash")
+	require.Equal(t, []string{ids[1].String()}, b.db.IDs(t, "READY"))
+	r = requireCLI(t, "requeue", "--entity", "billing/invoice/7", "--database-url", b.db.DSN)
+	require.Equal(t, "requeued 1 FAILED event\n", r.stdout, "--entity splits at the first slash: billing, invoice/7")
+	require.ElementsMatch(t, []string{ids[1].String(), ids[2].String()}, b.db.IDs(t, "READY"))
+
+	for _, tc := range []struct {
+		args   []string
+		stderr string
+	}{
+		{[]string{"requeue", "--id", "not-a-uuid"}, `--id "not-a-uuid": not an event id`},
+		{[]string{"requeue", "--entity-type", "billing/invoice"}, "--entity-type and --entity-id go together"},
+		{[]string{"requeue", "--entity", "order/1", "--entity-type", "order", "--entity-id", "1"}, "exactly one of"},
+	} {
+		r := cli(t, append(tc.args, "--database-url", unreachableDSN)...)
+		require.Equal(t, 2, r.code, "%v: exit status; stderr:\n%s", tc.args, r.stderr)
+		require.Contains(t, r.stderr, tc.stderr, "%v", tc.args)
+	}
 }

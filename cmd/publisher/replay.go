@@ -18,7 +18,7 @@ func runReplay(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	var (
 		o          common
 		nopt       natsOptions
-		entity     string
+		entity     entityFlags
 		fromSeq    int
 		toSeq      int
 		since      string
@@ -40,7 +40,7 @@ Outbox-Replay set to the run id. The events table is not changed. Progress
 goes to stderr; the counts to stdout.`)
 	o.register(c)
 	nopt.register(c, "NATS server URL(s), comma-separated")
-	c.String(&entity, "entity", "", "the events of one entity, as TYPE/ID")
+	entity.register(c, "the events")
 	c.Int(&fromSeq, "from-seq", 0, "first seq to replay, inclusive (0: no lower bound)")
 	c.Int(&toSeq, "to-seq", 0, "last seq to replay, inclusive (0: no upper bound)")
 	c.String(&since, "since", "", "only events created at or after this time: RFC 3339, or a duration ago (2h)")
@@ -58,12 +58,8 @@ goes to stderr; the counts to stdout.`)
 		return err
 	}
 	var f poller.ReplayFilter
-	if entity != "" {
-		typ, id, ok := strings.Cut(entity, "/")
-		if !ok || typ == "" || id == "" {
-			return usagef("replay: --entity %q: use TYPE/ID, e.g. order/42", entity)
-		}
-		f.EntityType, f.EntityID = typ, id
+	if f.EntityType, f.EntityID, err = entity.parse("replay"); err != nil {
+		return err
 	}
 	if fromSeq < 0 || toSeq < 0 || toSeq > 0 && fromSeq > toSeq {
 		return usagef("replay: --from-seq %d --to-seq %d: give seqs of at least 1, the first not after the last", fromSeq, toSeq)
@@ -72,7 +68,7 @@ goes to stderr; the counts to stdout.`)
 	if f.Since, f.Until, err = parseRange("replay", since, until, time.Now()); err != nil {
 		return err
 	}
-	if entity == "" && fromSeq == 0 && toSeq == 0 && f.Since.IsZero() && f.Until.IsZero() {
+	if !entity.given() && fromSeq == 0 && toSeq == 0 && f.Since.IsZero() && f.Until.IsZero() {
 		return usagef("replay: choose events with --entity, --from-seq/--to-seq or --since/--until")
 	}
 	if batch < 1 {

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/google/uuid"
+
 	"github.com/pgnats/outbox/internal/poller"
 )
 
@@ -14,7 +16,7 @@ func runRequeue(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	var (
 		o       common
 		ids     string
-		entity  string
+		entity  entityFlags
 		all     bool
 		dryRun  bool
 		since   string
@@ -31,7 +33,7 @@ match all). Their entities stop being blocked; waiting events follow in
 order.`)
 	o.register(c)
 	c.String(&ids, "id", "", "comma-separated event ids")
-	c.String(&entity, "entity", "", "every FAILED event of one entity, as TYPE/ID")
+	entity.register(c, "every FAILED event")
 	c.Bool(&all, "all", false, "every FAILED event")
 	c.String(&since, "since", "", "only events created at or after this time: RFC 3339, or a duration ago (2h)")
 	c.String(&until, "until", "", "only events created before this time: RFC 3339, or a duration ago (30m)")
@@ -44,19 +46,9 @@ order.`)
 	chosen := 0
 	if ids != "" {
 		chosen++
-		for _, id := range strings.Split(ids, ",") {
-			if id = strings.TrimSpace(id); id != "" {
-				f.IDs = append(f.IDs, id)
-			}
-		}
 	}
-	if entity != "" {
+	if entity.given() {
 		chosen++
-		typ, id, ok := strings.Cut(entity, "/")
-		if !ok || typ == "" || id == "" {
-			return usagef("requeue: --entity %q: use TYPE/ID, e.g. order/42", entity)
-		}
-		f.EntityType, f.EntityID = typ, id
 	}
 	if all {
 		chosen++
@@ -73,6 +65,20 @@ order.`)
 		return usagef("requeue: choose events with exactly one of --id, --entity or --all, or with --since, --until or --error-contains")
 	case all && filtered:
 		return usagef("requeue: --all selects every FAILED event; drop it to filter with --since, --until or --error-contains")
+	}
+	for _, id := range strings.Split(ids, ",") {
+		if id = strings.TrimSpace(id); id != "" {
+			// Ids are matched as UUIDs, so any spelling of one finds the
+			// event (upper case, braces) and the key's index is used.
+			u, err := uuid.Parse(id)
+			if err != nil {
+				return usagef("requeue: --id %q: not an event id (a UUID)", id)
+			}
+			f.IDs = append(f.IDs, u.String())
+		}
+	}
+	if f.EntityType, f.EntityID, err = entity.parse("requeue"); err != nil {
+		return err
 	}
 	db, err := openDB(ctx, o.databaseURL)
 	if err != nil {

@@ -206,7 +206,7 @@ func readReplicas(ctx context.Context, db *sql.DB, name schema.Name) ([]ReplicaI
 // other and with IDs or Entity (all conditions must hold). A filter with
 // no selector and no condition selects nothing and is an error.
 type RequeueFilter struct {
-	IDs        []string
+	IDs        []string // event ids, as UUIDs in any spelling PostgreSQL reads
 	EntityType string
 	EntityID   string
 	All        bool
@@ -236,7 +236,7 @@ func (f RequeueFilter) where() (string, []any, error) {
 	selectors := 0
 	if len(f.IDs) > 0 {
 		selectors++
-		conds = append(conds, `event_id::text = ANY(`+arg(pq.Array(f.IDs))+`)`)
+		conds = append(conds, `event_id = ANY(`+arg(pq.Array(f.IDs))+`::uuid[])`)
 	}
 	if f.EntityType != "" {
 		selectors++
