@@ -62,7 +62,11 @@ type queries struct {
 //
 // Mark, in the same transaction: acked rows become SUCCESS in one statement;
 // each refused row gets attempts+1, last_error and a retry time in SQL time,
-// or FAILED. Both carry the fence; a mark that matches fewer rows than it
+// or FAILED. The retry time counts from the mark's statement_timestamp(),
+// just after the refusal arrived, not from now(), the claim transaction's
+// start, which a batch waiting for its acks leaves far behind; the
+// exponent stops at 52, far past any RetryMax, so that no MaxAttempts
+// overflows power(). Both carry the fence; a mark that matches fewer rows than it
 // names means leadership (or a lease) was lost, and the transaction is
 // rolled back.
 //
@@ -133,7 +137,8 @@ func newQueries(table, leases string, partitions int) queries {
 			SET attempts = attempts + 1,
 			    last_error = $2,
 			    event_status = CASE WHEN $3 OR attempts + 1 >= $4 THEN 'FAILED' ELSE 'READY' END,
-			    available_at = now() + least($5::float8 * power(2, attempts), $6::float8) * interval '1 millisecond'
+			    available_at = statement_timestamp()
+			        + least($5::float8 * power(2, least(attempts, 52)), $6::float8) * interval '1 millisecond'
 			WHERE event_id = $1::uuid AND event_status = 'READY' AND ` + fence(7, false),
 		stillLeads: `SELECT ` + fenceSQL(1, 2, 3),
 	}

@@ -16,8 +16,9 @@
 //	mark   acked rows SUCCESS, refused rows retry or FAILED; commit
 //
 // Errors are sorted by whose fault they are. An unreachable or slow broker
-// or database, "no responders" for a subject a stream does cover, a full
-// stream or a missing PubAck: the rows stay READY with attempts unchanged
+// or database, "no responders" for a subject a stream does cover, a
+// JetStream error code not known to refuse one message (a full stream, a
+// stream temporarily unavailable, ...) or a missing PubAck: the rows stay READY with attempts unchanged
 // and the whole loop backs off (capped exponential, jittered). A refusal of
 // one event (no stream for its subject, too large): attempts+1 and a retry
 // time in SQL time, or FAILED with last_error once retrying cannot help or
@@ -106,7 +107,8 @@ type Config struct {
 	// Default 10.
 	MaxAttempts int
 	// RetryBase and RetryMax bound the delay before a refused event is
-	// tried again: RetryBase * 2^attempts, at most RetryMax.
+	// tried again, counted from the refusal: RetryBase * 2^attempts, at
+	// most RetryMax.
 	// Defaults 1s and 5m.
 	RetryBase, RetryMax time.Duration
 	// BackoffMin and BackoffMax bound the whole loop's back-off during an

@@ -15,11 +15,32 @@ import (
 
 // JetStream API error codes the loop treats specially.
 const (
-	jsInsufficientResources = 10023 // the server or account is out of storage
-	jsMessageTooLarge       = 10054 // over the stream's max_msg_size
-	jsStoreFailed           = 10077 // stream full under DiscardNew, among others
-	jsHeaderTooLarge        = 10097 // header block over 64 KiB
+	jsMessageTooLarge = 10054 // over the stream's max_msg_size
+	jsHeaderTooLarge  = 10097 // header block over 64 KiB
 )
+
+// refusalCodes are the JetStream API error codes (nats-server's
+// errors.json) that refuse one message for what it is or where it goes,
+// with whether retrying it can help. Every other code, and any code added
+// to the server later, is treated as an outage: the loop backs off and no
+// attempt is used, so a broker incident never burns an event's attempts.
+var refusalCodes = map[jetstream.ErrorCode]bool{ // code: permanent
+	jsMessageTooLarge: true,
+	jsHeaderTooLarge:  true,
+	10165:             true,  // invalid per-message TTL
+	10060:             false, // expected stream does not match
+	10070:             false, // wrong last msg ID
+	10071:             false, // wrong last sequence
+	10164:             false, // wrong last sequence
+	10193:             false, // missing sequence for expected last sequence per subject
+	10109:             false, // invalid operation on sealed stream
+	10166:             false, // per-message TTL is disabled
+	10168:             false, // message counters are disabled
+	10169:             false, // message counter increment is missing
+	10170:             false, // message counter has a payload
+	10171:             false, // message counter increment is invalid
+	10227:             false, // message stream source header is not allowed
+}
 
 // noClientRetry turns off nats.go's own retry of a publish that got "no
 // responders" (by default twice, 250ms apart, each message on its own
@@ -263,26 +284,49 @@ func (p *Poller) collect(ctx context.Context, b *batch) (acked []string) {
 	}
 	deadline := time.NewTimer(time.Until(b.sentAt.Add(p.cfg.AckTimeout)))
 	defer deadline.Stop()
+	expired := false
 	for i, s := range b.sent {
-		select {
-		case <-s.paf.Ok():
+		var (
+			err error
+			ok  bool
+		)
+		if !expired {
+			select {
+			case <-s.paf.Ok():
+				ok = true
+			case err = <-s.paf.Err():
+			case <-deadline.C:
+				expired = true
+			}
+		}
+		if expired {
+			// Past the deadline, take what has arrived: when an ack and the
+			// deadline are both ready, select picks either, and an acked
+			// batch must not be taken for an outage.
+			select {
+			case <-s.paf.Ok():
+				ok = true
+			case err = <-s.paf.Err():
+			default:
+				b.outage = firstErr(b.outage, fmt.Errorf("no PubAck within %s: %w", p.cfg.AckTimeout, context.DeadlineExceeded))
+				return acked
+			}
+		}
+		if ok {
 			p.cfg.Metrics.acked(s.at)
 			acked = append(acked, s.r.id)
-		case err := <-s.paf.Err():
-			reason, permanent, out := p.classify(ctx, s.r.subject, err)
-			if out != nil {
-				b.outage = firstErr(b.outage, out)
-				continue
-			}
-			if laterSent(b.sent[i+1:], s.r) || p.inflight != nil && laterSent(p.inflight.sent, s.r) {
-				p.log.Warn("event refused after a later event of its entity was sent; the entity's order is broken",
-					"event_id", s.r.id, "entity_type", s.r.entityType, "entity_id", s.r.entityID)
-			}
-			b.refuse(s.r, reason, permanent)
-		case <-deadline.C:
-			b.outage = firstErr(b.outage, fmt.Errorf("no PubAck within %s: %w", p.cfg.AckTimeout, context.DeadlineExceeded))
-			return acked
+			continue
 		}
+		reason, permanent, out := p.classify(ctx, s.r.subject, err)
+		if out != nil {
+			b.outage = firstErr(b.outage, out)
+			continue
+		}
+		if laterSent(b.sent[i+1:], s.r) || p.inflight != nil && laterSent(p.inflight.sent, s.r) {
+			p.log.Warn("event refused after a later event of its entity was sent; the entity's order is broken",
+				"event_id", s.r.id, "entity_type", s.r.entityType, "entity_id", s.r.entityID)
+		}
+		b.refuse(s.r, reason, permanent)
 	}
 	return acked
 }
@@ -343,14 +387,10 @@ func (p *Poller) classify(ctx context.Context, subject string, err error) (reaso
 	var apiErr *jetstream.APIError
 	switch {
 	case errors.As(err, &apiErr):
-		switch apiErr.ErrorCode {
-		case jsStoreFailed, jsInsufficientResources:
-			return "", false, fmt.Errorf("stream cannot store: %w", err)
-		case jsMessageTooLarge, jsHeaderTooLarge:
-			return apiErr.Error(), true, nil
+		if permanent, ok := refusalCodes[apiErr.ErrorCode]; ok {
+			return apiErr.Error(), permanent, nil
 		}
-		p.streams.forget(subject)
-		return apiErr.Error(), false, nil
+		return "", false, fmt.Errorf("JetStream could not store the message: %w", err)
 	case errors.Is(err, jetstream.ErrNoStreamResponse):
 		// "No responders" is a refusal only if JetStream says no stream
 		// covers the subject; otherwise the stream is unavailable.
