@@ -1,6 +1,8 @@
 package integration
 
 import (
+	"cmp"
+	"fmt"
 	"net/url"
 	"strings"
 	"testing"
@@ -151,4 +153,78 @@ func TestWrongNATSTokenFailsClearly(t *testing.T) {
 			require.NotContains(t, p.Logs(), wrong)
 		})
 	}
+}
+
+// TestPasswordsWithURLDelimitersNeverAppear runs the binary with database
+// and NATS passwords holding '#', '%', '@' and '/', written as a user might
+// (unescaped) and as they should be (escaped, or quoted key=value), and
+// searches everything it writes for any part of them.
+func TestPasswordsWithURLDelimitersNeverAppear(t *testing.T) {
+	t.Parallel()
+	head := "Pw" + testenv.Suffix()
+	pw := head + "#se%cr@t/x"
+	// escaped is pw as it goes in a URL's user info.
+	escaped := strings.TrimPrefix(url.UserPassword("u", pw).String(), "u:")
+	requireNoSecret := func(what, out string) {
+		t.Helper()
+		for _, part := range []string{head, "se%cr", escaped, url.QueryEscape(pw)} {
+			require.NotContains(t, out, part, "%s shows (part of) the password:\n%s", what, out)
+		}
+	}
+
+	t.Run("unescaped in a URL: refused at start, unseen", func(t *testing.T) {
+		t.Parallel()
+		for _, args := range [][]string{
+			{"run", "--database-url", "postgres://postgres:" + pw + "@127.0.0.1:5432/test?sslmode=disable"},
+			{"status", "--database-url", "postgresql://postgres:" + pw + "@127.0.0.1:5432/test"},
+			{"run", "--database-url", unreachableDSN, "--nats-url", "nats://user:" + pw + "@127.0.0.1:1"},
+		} {
+			r := cli(t, args...)
+			require.Equal(t, 2, r.code, "%v: exit status; stderr:\n%s", args[0], r.stderr)
+			require.Contains(t, r.stderr, "percent-encode")
+			requireNoSecret(args[0]+" stderr", r.stderr)
+			requireNoSecret(args[0]+" stdout", r.stdout)
+		}
+	})
+
+	t.Run("escaped or quoted, while the database is unreachable", func(t *testing.T) {
+		t.Parallel()
+		for i, dsn := range []string{
+			"postgres://postgres:" + escaped + "@127.0.0.1:1/test?sslmode=disable",
+			"postgres://postgres@127.0.0.1:1/test?sslmode=disable&password=" + url.QueryEscape(pw),
+			"host=127.0.0.1 port=1 user=postgres password='" + pw + "' dbname=test sslmode=disable",
+		} {
+			p := startProcess(t, fmt.Sprintf("publisher %d (no database)", i),
+				[]string{"run", "--database-url", dsn, "--backoff-max", "200ms", "--log-format", "json"}, nil)
+			p.WaitLog(t, `"msg":"database unreachable; retrying"`, 10*time.Second)
+			p.Term()
+			require.Zero(t, p.Wait(t, 10*time.Second))
+			requireNoSecret("run against an unreachable database", p.Logs())
+			require.Contains(t, p.Logs(), "xxxxx")
+		}
+	})
+
+	t.Run("the server refuses the login", func(t *testing.T) {
+		t.Parallel()
+		u, err := url.Parse(testenv.DatabaseURL())
+		require.NoError(t, err)
+		u.User = url.UserPassword(cmp.Or(u.User.Username(), "postgres"), pw)
+		u.Path = "/no_such_db_" + testenv.Suffix()
+		for _, args := range [][]string{{"status"}, {"migrate"}} {
+			r := cli(t, append(args, "--database-url", u.String(), "--log-level", "debug")...)
+			require.Equal(t, 1, r.code, "%v: stderr:\n%s", args, r.stderr)
+			require.Contains(t, r.stderr, "refused the connection")
+			requireNoSecret(args[0], r.stdout+r.stderr)
+		}
+	})
+
+	t.Run("NATS password escaped, while the broker is unreachable", func(t *testing.T) {
+		t.Parallel()
+		b, _ := statusFixture(t)
+		p := startPublisher(t, "publisher (no NATS)", b.db.DSN, "--nats-url", "nats://user:"+escaped+"@127.0.0.1:1")
+		p.WaitLog(t, `msg="could not check streams at start"`, 30*time.Second)
+		p.Kill()
+		p.Wait(t, 10*time.Second)
+		requireNoSecret("run against an unreachable broker", p.Logs())
+	})
 }

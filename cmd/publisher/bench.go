@@ -15,6 +15,7 @@ import (
 
 	"github.com/pgnats/outbox/internal/bench"
 	"github.com/pgnats/outbox/internal/poller"
+	"github.com/pgnats/outbox/internal/redact"
 )
 
 func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -86,7 +87,7 @@ Takes about a minute with the defaults.`)
 	if err != nil {
 		return err
 	}
-	cfg.NATSOptions, cfg.NATSURLShown, cfg.PublisherEnv = nopts, redactNATS(natsOpts.url), natsOpts.env()
+	cfg.NATSOptions, cfg.NATSURLShown, cfg.PublisherEnv = nopts, redact.NATS(natsOpts.url), natsOpts.env()
 	cfg.Progress, cfg.TTY = stderr, isTerminal(stderr)
 	if !noIdle {
 		exe, err := os.Executable()

@@ -11,12 +11,13 @@ import (
 	"log/slog"
 	"net/url"
 	"os"
-	"regexp"
 	"strings"
 	"time"
 
 	"github.com/lib/pq"
 	"github.com/nats-io/nats.go"
+
+	"github.com/pgnats/outbox/internal/redact"
 )
 
 // Defaults for local development.
@@ -58,9 +59,12 @@ func (o *common) logger(w io.Writer) (*slog.Logger, error) {
 
 // openDB connects to PostgreSQL and checks that it answers.
 func openDB(ctx context.Context, dsn string) (*sql.DB, error) {
+	if err := checkDSN(dsn); err != nil {
+		return nil, err
+	}
 	db, err := sql.Open("postgres", dsn)
 	if err != nil {
-		return nil, fmt.Errorf("database URL %s: %w", redact(dsn), err)
+		return nil, fmt.Errorf("database URL %s: %w", redact.DSN(dsn), err)
 	}
 	if err := pingDB(ctx, db, dsn); err != nil {
 		db.Close()
@@ -80,26 +84,56 @@ func pingDB(ctx context.Context, db *sql.DB, dsn string) error {
 	case errors.As(err, &pqErr):
 		// The server answered: the address is right, the login is not.
 		return fmt.Errorf("PostgreSQL at %s refused the connection: %w\n"+
-			"  check the user, password and database name in --database-url (or DATABASE_URL)", redact(dsn), err)
+			"  check the user, password and database name in --database-url (or DATABASE_URL)", redact.DSN(dsn), err)
 	}
 	return fmt.Errorf("PostgreSQL is unreachable at %s: %w\n"+
-		"  start PostgreSQL there, or point --database-url (or DATABASE_URL) at a running server", redact(dsn), err)
+		"  start PostgreSQL there, or point --database-url (or DATABASE_URL) at a running server", redact.DSN(dsn), err)
 }
 
-var passwordKV = regexp.MustCompile(`(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)`)
+// escapeHint says how to write a password in a URL.
+const escapeHint = "\n  percent-encode the password's special characters (% as %25, # as %23, @ as %40, / as %2F, ? as %3F, : as %3A)"
 
-// redact hides the password of a URL or key=value DSN, for messages and
-// logs.
-func redact(dsn string) string {
-	if u, err := url.Parse(dsn); err == nil && u.Scheme != "" {
-		q := u.Query()
-		if q.Has("password") {
-			q.Set("password", "xxxxx")
-			u.RawQuery = q.Encode()
+// checkNATSURLs reports, as a usage error, a list of NATS URLs of which
+// one is not a URL nats.go reads as written (see checkDSN for why the
+// parser's message is not shown).
+func checkNATSURLs(cmd, urls string) error {
+	for _, s := range strings.Split(urls, ",") {
+		s = strings.TrimSpace(s)
+		if s == "" {
+			continue
 		}
-		return u.Redacted()
+		if !strings.Contains(s, "://") {
+			s = "nats://" + s // as nats.go reads host:port
+		}
+		u, err := url.Parse(s)
+		if err != nil || strings.Contains(s, "#") || u.User == nil && strings.Contains(s, "@") ||
+			strings.Count(s, "@") > 1 {
+			return usagef("%s: --nats-url %s is not a valid list of URLs%s", cmd, redact.NATS(urls), escapeHint)
+		}
 	}
-	return passwordKV.ReplaceAllString(dsn, "${1}xxxxx")
+	return nil
+}
+
+// checkDSN reports, as a usage error, a database URL or key=value DSN that
+// lib/pq would misread or refuse. Its message shows the DSN redacted and
+// none of the parser's own text, which quotes the DSN up to where it went
+// wrong: a password with an unescaped '#' is cut there, and what is shown
+// of it would escape redaction.
+func checkDSN(dsn string) error {
+	const fix = escapeHint + ", or give key=value pairs with the password in single quotes (password='...')"
+	if strings.HasPrefix(dsn, "postgres://") || strings.HasPrefix(dsn, "postgresql://") {
+		u, err := url.Parse(dsn)
+		_, afterUser, _ := strings.Cut(dsn[strings.Index(dsn, "://")+3:], "@")
+		switch {
+		case err != nil, strings.Contains(dsn, "#"), u.User == nil && strings.Contains(dsn, "@"),
+			u.User != nil && strings.Contains(afterUser, "@"):
+			return usagef("--database-url %s is not a valid URL%s", redact.DSN(dsn), fix)
+		}
+	}
+	if _, err := pq.NewConnector(dsn); err != nil {
+		return usagef("--database-url %s is neither a postgres:// URL nor key=value pairs%s", redact.DSN(dsn), fix)
+	}
+	return nil
 }
 
 // natsOptions holds the flags of every command that connects to NATS: the
@@ -127,6 +161,9 @@ func (o *natsOptions) register(c *command, urlHelp string) {
 
 // check reports contradictory or incomplete NATS flags, as a usage error.
 func (o *natsOptions) check(cmd string) error {
+	if err := checkNATSURLs(cmd, o.url); err != nil {
+		return err
+	}
 	var ways []string
 	if o.user != "" || o.password != "" {
 		ways = append(ways, "--nats-user/--nats-password")
@@ -150,7 +187,7 @@ func (o *natsOptions) check(cmd string) error {
 	if len(ways) > 0 {
 		for _, s := range strings.Split(o.url, ",") {
 			if u, err := url.Parse(strings.TrimSpace(s)); err == nil && u.User != nil {
-				return usagef("%s: --nats-url %s holds credentials and %s gives others: give one", cmd, redactNATS(o.url), ways[0])
+				return usagef("%s: --nats-url %s holds credentials and %s gives others: give one", cmd, redact.NATS(o.url), ways[0])
 			}
 		}
 	}
@@ -221,31 +258,6 @@ func (o *natsOptions) env() []string {
 	return env
 }
 
-// redactNATS hides the credentials of NATS URLs (comma-separated), for
-// messages and logs. Unlike a database URL's, a NATS URL's user part alone
-// can be a secret: nats://TOKEN@host.
-func redactNATS(urls string) string {
-	parts := strings.Split(urls, ",")
-	for i, s := range parts {
-		u, err := url.Parse(strings.TrimSpace(s))
-		switch {
-		case err != nil:
-			// Unparsable: show no part of it that could be a secret.
-			if at := strings.LastIndexByte(s, '@'); at >= 0 {
-				parts[i] = "xxxxx" + s[at:]
-			}
-		case u.User != nil:
-			if _, ok := u.User.Password(); ok {
-				u.User = url.UserPassword(u.User.Username(), "xxxxx")
-			} else {
-				u.User = url.User("xxxxx") // a token
-			}
-			parts[i] = u.String()
-		}
-	}
-	return strings.Join(parts, ",")
-}
-
 // permanentNATSError reports whether a failed connection will fail the
 // same way on every retry: refused credentials, or TLS that cannot be set
 // up. Waiting would hide a configuration error, so it is reported instead.
@@ -280,7 +292,7 @@ func connectNATS(o natsOptions, wait bool, log *slog.Logger, onReconnect func())
 	if err != nil {
 		return nil, err
 	}
-	shown := redactNATS(o.url)
+	shown := redact.NATS(o.url)
 	opts := append([]nats.Option{
 		nats.Name("pgnats-outbox publisher"),
 		nats.MaxReconnects(-1),
@@ -299,11 +311,11 @@ func connectNATS(o natsOptions, wait bool, log *slog.Logger, onReconnect func())
 			if onReconnect != nil {
 				onReconnect()
 			}
-			log.Info("NATS reconnected", "url", redactNATS(c.ConnectedUrl()))
+			log.Info("NATS reconnected", "url", redact.NATS(c.ConnectedUrl()))
 		}),
 		// With wait, the first connection may come after Connect returned.
 		nats.ConnectHandler(func(c *nats.Conn) {
-			log.Info("NATS connected", "url", redactNATS(c.ConnectedUrl()))
+			log.Info("NATS connected", "url", redact.NATS(c.ConnectedUrl()))
 		}),
 	}, auth...)
 	// One attempt first, so that refused credentials or a TLS mismatch

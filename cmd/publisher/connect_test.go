@@ -294,18 +294,3 @@ func TestNATSFlagsThatContradictAreUsageErrors(t *testing.T) {
 		}
 	}
 }
-
-func TestRedactNATS(t *testing.T) {
-	t.Parallel()
-	tests := []struct{ in, want string }{
-		{"nats://127.0.0.1:4222", "nats://127.0.0.1:4222"},
-		{"nats://s3cret-token@127.0.0.1:4222", "nats://xxxxx@127.0.0.1:4222"},
-		{"nats://user:s3cret@127.0.0.1:4222", "nats://user:xxxxx@127.0.0.1:4222"},
-		{"tls://a:s3cret@h1:4222,tls://s3cret@h2:4222", "tls://a:xxxxx@h1:4222,tls://xxxxx@h2:4222"},
-		{"nats://s3cret@h1:4222, nats://h2:4222", "nats://xxxxx@h1:4222, nats://h2:4222"},
-		{"%zz://s3cret@host", "xxxxx@host"},
-	}
-	for _, tt := range tests {
-		require.Equal(t, tt.want, redactNATS(tt.in), tt.in)
-	}
-}

@@ -77,7 +77,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		printUsage(stderr)
 		return usagef("unknown command %q", name)
 	}
-	return c.run(ctx, args, stdout, stderr)
+	// Secrets are kept out of all the command writes to stderr (its logs)
+	// and of the error main prints.
+	scrub := secretScrubber(args)
+	return scrub.Error(c.run(ctx, args, stdout, scrub.Writer(stderr)))
 }
 
 func printUsage(w io.Writer) {

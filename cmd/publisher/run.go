@@ -16,6 +16,7 @@ import (
 	"github.com/robfig/cron/v3"
 
 	"github.com/pgnats/outbox/internal/poller"
+	"github.com/pgnats/outbox/internal/redact"
 )
 
 type runOptions struct {
@@ -129,7 +130,7 @@ join or leave. An entity's events still go out in order.`)
 		}
 	}
 
-	log.Info("publisher starting", "table", o.table, "database", redact(o.databaseURL), "nats", redactNATS(o.nats.url),
+	log.Info("publisher starting", "table", o.table, "database", redact.DSN(o.databaseURL), "nats", redact.NATS(o.nats.url),
 		"batch_size", o.batchSize, "batch_bytes", o.batchBytes, "listen", !o.noListen, "poll_interval", o.pollInterval)
 	metrics := poller.NewMetrics()
 	var ready readiness
@@ -267,9 +268,12 @@ func checkSchedule(flag, spec string) error {
 // unreachable: a publisher started before its database waits for it. It
 // returns nil, nil when ctx ends first.
 func waitForDB(ctx context.Context, dsn string, maxWait time.Duration, log *slog.Logger) (*sql.DB, error) {
+	if err := checkDSN(dsn); err != nil {
+		return nil, err
+	}
 	db, err := sql.Open("postgres", dsn)
 	if err != nil {
-		return nil, usagef("--database-url %s: %v", redact(dsn), err)
+		return nil, usagef("--database-url %s: %v", redact.DSN(dsn), err)
 	}
 	wait := 250 * time.Millisecond
 	for {

@@ -125,6 +125,9 @@ func watchStatus(ctx context.Context, stdout, stderr io.Writer, o watchOptions,
 
 // isTerminal reports whether w is a terminal.
 func isTerminal(w io.Writer) bool {
+	if u, ok := w.(interface{ Unwrap() io.Writer }); ok {
+		w = u.Unwrap() // a scrubbing writer over the terminal
+	}
 	f, ok := w.(*os.File)
 	if !ok {
 		return false

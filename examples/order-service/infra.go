@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/url"
 	"os"
 	"os/exec"
 	"os/user"
@@ -22,6 +21,8 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/pgnats/outbox/internal/redact"
 )
 
 // Defaults for local development, overridden by DATABASE_URL and NATS_URL.
@@ -85,7 +86,7 @@ type binSearch struct {
 func openPostgres(ctx context.Context, dsn string, bins binSearch, out io.Writer) (*postgres, error) {
 	pingErr := pingPostgres(ctx, dsn)
 	if pingErr == nil {
-		return &postgres{DSN: dsn, About: redact(dsn)}, nil
+		return &postgres{DSN: dsn, About: redact.DSN(dsn)}, nil
 	}
 	if ctx.Err() != nil {
 		return nil, ctx.Err()
@@ -93,14 +94,14 @@ func openPostgres(ctx context.Context, dsn string, bins binSearch, out io.Writer
 	dir, ok := bins.find()
 	if !ok {
 		return nil, fmt.Errorf("PostgreSQL: none answers at %s (%v), and no initdb and pg_ctl to start a throwaway one were found on PATH or in %s.\n  To fix: %s",
-			redact(dsn), pingErr, strings.Join(bins.Globs, ", "), installHint)
+			redact.DSN(dsn), pingErr, strings.Join(bins.Globs, ", "), installHint)
 	}
 	as, err := unprivileged()
 	if err != nil {
-		return nil, fmt.Errorf("PostgreSQL: none answers at %s (%v), and a throwaway cluster cannot be started: %w", redact(dsn), pingErr, err)
+		return nil, fmt.Errorf("PostgreSQL: none answers at %s (%v), and a throwaway cluster cannot be started: %w", redact.DSN(dsn), pingErr, err)
 	}
 	fmt.Fprintf(out, "PostgreSQL: none answers at %s (%v); starting a throwaway cluster with %s%s\n",
-		redact(dsn), pingErr, dir, as)
+		redact.DSN(dsn), pingErr, dir, as)
 	c, err := startCluster(ctx, dir, as)
 	if err != nil {
 		return nil, fmt.Errorf("PostgreSQL: start a throwaway cluster with %s: %w\n  To fix: %s", dir, err, installHint)
@@ -109,7 +110,7 @@ func openPostgres(ctx context.Context, dsn string, bins binSearch, out io.Writer
 	if err := pingPostgres(ctx, dsn); err != nil {
 		return nil, errors.Join(fmt.Errorf("PostgreSQL: throwaway cluster in %s does not answer: %w", c.dir, err), c.stop())
 	}
-	return &postgres{DSN: dsn, About: redact(dsn) + " (throwaway cluster in " + c.dir + ")", cluster: c}, nil
+	return &postgres{DSN: dsn, About: redact.DSN(dsn) + " (throwaway cluster in " + c.dir + ")", cluster: c}, nil
 }
 
 func pingPostgres(ctx context.Context, dsn string) error {
@@ -359,14 +360,14 @@ func connectNATS(ctx context.Context, url string, out io.Writer) (*broker, error
 	if err == nil {
 		err = checkJetStream(ctx, nc)
 		if err == nil {
-			return &broker{Conn: nc, About: redact(url)}, nil
+			return &broker{Conn: nc, About: redact.NATS(url)}, nil
 		}
 		nc.Close()
 	}
 	if ctx.Err() != nil {
 		return nil, ctx.Err()
 	}
-	fmt.Fprintf(out, "NATS: no JetStream at %s (%v); starting an in-process server with JetStream\n", redact(url), err)
+	fmt.Fprintf(out, "NATS: no JetStream at %s (%v); starting an in-process server with JetStream\n", redact.NATS(url), err)
 	return startNATS(ctx)
 }
 
@@ -405,14 +406,4 @@ func startNATS(ctx context.Context) (*broker, error) {
 	}
 	b.About = srv.ClientURL() + " (in-process server, JetStream in " + dir + ")"
 	return b, nil
-}
-
-var passwordKV = regexp.MustCompile(`(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)`)
-
-// redact hides the password of a URL or key=value DSN, for messages.
-func redact(dsn string) string {
-	if u, err := url.Parse(dsn); err == nil && u.Scheme != "" {
-		return u.Redacted()
-	}
-	return passwordKV.ReplaceAllString(dsn, "${1}xxxxx")
 }

@@ -13,7 +13,6 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"net/url"
 	"os"
 	"strings"
 	"testing"
@@ -24,6 +23,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/pgnats/outbox/internal/redact"
 	"github.com/pgnats/outbox/schema"
 )
 
@@ -89,16 +89,9 @@ func openDB(t testing.TB, dsn string) *sqlx.DB {
 	if err := db.PingContext(ctx); err != nil {
 		db.Close()
 		t.Fatalf("PostgreSQL is unreachable at %s: %v\n"+
-			"start it (e.g. pg_ctlcluster <version> main start) or set DATABASE_URL", redact(dsn), err)
+			"start it (e.g. pg_ctlcluster <version> main start) or set DATABASE_URL", redact.DSN(dsn), err)
 	}
 	return db
-}
-
-func redact(dsn string) string {
-	if u, err := url.Parse(dsn); err == nil && u.User != nil {
-		return u.Redacted()
-	}
-	return dsn
 }
 
 // NATS connects to NATS_URL (or the local server) and returns the
