@@ -507,9 +507,9 @@ func (rs *leaseReplicas) stopInside(p *process, kind string) (bool, int) {
 
 // frozenLeaderTimeout and frozenAckTimeout are the flags of 13f: the claim
 // transaction of a frozen replica ends after 2 × 1 s + 5 s = 7 s idle,
-// within the 2 × --leader-timeout = 10 s its partitions must move within.
+// within the 2 × --leader-timeout = 12 s its partitions must move within.
 const (
-	frozenLeaderTimeout = 5 * time.Second
+	frozenLeaderTimeout = 6 * time.Second
 	frozenAckTimeout    = time.Second
 )
 

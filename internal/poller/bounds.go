@@ -21,7 +21,8 @@ import (
 //
 // A claim or a lease round that times out is an error like any other: the
 // claim backs the loop off, a failed lease round only postpones the next
-// one (Run keeps publishing the leases held). The lock session (leader.go)
+// one (Run keeps publishing the leases held). The round's own lock is only
+// tried (leases.go). The lock session (leader.go)
 // sets session-wide bounds when it connects, before it takes any lock.
 type txLimits struct {
 	lock, statement, idle time.Duration

@@ -3,6 +3,7 @@ package poller
 import (
 	"context"
 	"database/sql"
+	"errors"
 	"fmt"
 	"os"
 	"slices"
@@ -63,15 +64,17 @@ import (
 //     publisher's share is every p with p mod n = its index;
 //  2. if it holds partitions outside its share, finish the batch in flight;
 //  3. in one transaction, serialised between publishers by an advisory
-//     transaction lock and fenced on the lock session: upsert its replica row, delete replicas unseen for
+//     transaction lock (tried: a round that finds it held is postponed)
+//     and fenced on the lock session: upsert its replica row, delete replicas unseen for
 //     a lease time, delete its leases outside its share, take the leases
 //     of its share that are free or expired;
 //  4. try the barrier of each pending partition.
 //
-// A round that fails (a peer frozen while it holds the round's lock, say:
-// the wait for it times out, bounds.go) is logged and tried again after a
-// growing pause, up to a lease time; meanwhile the loop goes on publishing
-// the leases it holds, which the heartbeat keeps renewing.
+// A round that fails (a peer frozen while it holds the round's lock, say,
+// which PostgreSQL ends within LeaderTimeout/2: bounds.go) is logged and
+// tried again after a growing pause, up to a lease time; meanwhile the loop
+// goes on publishing the leases it holds, which the heartbeat keeps
+// renewing.
 //
 // A joining publisher has its share within two rounds, once the others have
 // seen it and let go. The share of a publisher that stops is taken within a
@@ -90,6 +93,9 @@ const (
 	// MaxPartitions is the largest partition count.
 	MaxPartitions = 4096
 )
+
+// errRoundBusy: another publisher's lease round holds the round's lock.
+var errRoundBusy = errors.New("rebalance: another publisher's lease round holds the lock")
 
 // partitionKeySQL is the bigint advisory-lock key of partition k of the
 // table whose oid is parameter $oidParam.
@@ -172,8 +178,7 @@ func (p *Poller) rebalance(ctx context.Context) error {
 	}
 
 	// Bounded (bounds.go): a round frozen while it holds the round's lock
-	// ends within LeaderTimeout/2, and a round waiting for it gives up
-	// after LeaderTimeout/5.
+	// ends within LeaderTimeout/2.
 	tx, err := p.beginLimited(ctx, p.leaseLimits())
 	if err != nil {
 		return fmt.Errorf("rebalance: %w", err)
@@ -182,13 +187,19 @@ func (p *Poller) rebalance(ctx context.Context) error {
 	// The fence keeps a process that lost its lock session (frozen, then
 	// resumed) from writing lease rows in the name of its replica id, which
 	// a new process may be using by now.
-	var leads bool
-	if err := tx.QueryRowContext(ctx, `SELECT `+fenceSQL(1, 2, 3)+` FROM (SELECT pg_advisory_xact_lock($4, $2::bigint::oid::int)) l`,
-		leaderNamespace, p.tableOID, p.lead.token, rebalanceNamespace).Scan(&leads); err != nil {
+	// The round's lock is tried, never waited for: a live peer holds it
+	// for milliseconds, a frozen one for up to LeaderTimeout/2, and a loop
+	// waiting here would not finish its batch in flight meanwhile.
+	var locked, leads bool
+	if err := tx.QueryRowContext(ctx, `SELECT pg_try_advisory_xact_lock($4, $2::bigint::oid::int), `+fenceSQL(1, 2, 3),
+		leaderNamespace, p.tableOID, p.lead.token, rebalanceNamespace).Scan(&locked, &leads); err != nil {
 		return fmt.Errorf("rebalance: lock: %w", err)
 	}
-	if !leads {
+	switch {
+	case !leads:
 		return fmt.Errorf("rebalance: %w", errLostLeadership)
+	case !locked:
+		return errRoundBusy
 	}
 	ttl := p.leaseTTL().Milliseconds()
 	steps := []struct {

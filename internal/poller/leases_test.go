@@ -221,7 +221,7 @@ func TestFrozenLeaseRoundStallsNobody(t *testing.T) {
 	const count = 4
 	var logs testenv.SyncBuffer
 	cfg := partitioned(count, "r1")
-	cfg.Logger = slog.New(slog.NewTextHandler(io.MultiWriter(testWriter{t}, &logs), nil))
+	cfg.Logger = slog.New(slog.NewTextHandler(io.MultiWriter(testWriter{t}, &logs), &slog.HandlerOptions{Level: slog.LevelDebug}))
 	r1 := b.replica(t, cfg)
 	requireShares(t, b, []replica{r1}, count)
 
@@ -230,11 +230,13 @@ func TestFrozenLeaseRoundStallsNobody(t *testing.T) {
 	t.Cleanup(func() { frozen.Rollback() }) //nolint:errcheck
 	_, err = frozen.Exec(`SELECT pg_advisory_xact_lock(x'6f627835'::int, 'events'::regclass::oid::int)`)
 	require.NoError(t, err)
-	waiting := func() bool {
-		return b.db.Int(t, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
-			AND classid = x'6f627835'::int::oid AND objid = 'events'::regclass::oid AND objsubid = 2`) > 0
+	locked := len(logs.String())
+	tried := func() bool {
+		return strings.Contains(logs.String()[locked:], "lease round") ||
+			b.db.Int(t, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+				AND classid = x'6f627835'::int::oid AND objid = 'events'::regclass::oid AND objsubid = 2`) > 0
 	}
-	testenv.Eventually(t, 10*time.Second, waiting, "r1's next lease round waits for the frozen one")
+	testenv.Eventually(t, 10*time.Second, tried, "r1 tries a lease round while the frozen one holds its lock")
 
 	r2 := b.replica(t, partitioned(count, "r2"))
 	events := changes(b.prefix+".order.changed", 20, 5)

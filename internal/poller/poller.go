@@ -453,6 +453,11 @@ func (p *Poller) rebalanceIfDue(ctx context.Context) {
 	case ctx.Err() == nil:
 		d := pt.retry.next()
 		pt.next = time.Now().Add(d)
+		if errors.Is(err, errRoundBusy) && pt.retry.n == 1 {
+			// Most likely a peer's round of a few milliseconds.
+			p.log.Debug("lease round busy; retrying", "retry_in", d)
+			return
+		}
 		p.log.Warn("lease round failed; publishing the leases held", "err", err, "held", len(pt.held), "retry_in", d)
 	}
 }
