@@ -84,7 +84,9 @@ type binSearch struct {
 // a throwaway cluster from the binaries bins finds. It reports what it does
 // on out.
 func openPostgres(ctx context.Context, dsn string, bins binSearch, out io.Writer) (*postgres, error) {
-	pingErr := pingPostgres(ctx, dsn)
+	// The driver's message may quote the DSN (cut short when a password
+	// holds an unescaped '#'): keep its password out of what is printed.
+	pingErr := redact.NewScrubber([]string{dsn}, nil, nil).Error(pingPostgres(ctx, dsn))
 	if pingErr == nil {
 		return &postgres{DSN: dsn, About: redact.DSN(dsn)}, nil
 	}
@@ -367,6 +369,7 @@ func connectNATS(ctx context.Context, url string, out io.Writer) (*broker, error
 	if ctx.Err() != nil {
 		return nil, ctx.Err()
 	}
+	err = redact.NewScrubber(nil, []string{url}, nil).Error(err)
 	fmt.Fprintf(out, "NATS: no JetStream at %s (%v); starting an in-process server with JetStream\n", redact.NATS(url), err)
 	return startNATS(ctx)
 }

@@ -260,9 +260,10 @@ func NewScrubber(dsns, natsURLs, secrets []string) *Scrubber {
 	return &Scrubber{r: strings.NewReplacer(args...)}
 }
 
-// variants returns sec as written, unescaped the ways a DSN escapes it, and
-// each of those as strconv.Quote and JSON encode it (without the quotes),
-// which is how text and JSON log handlers write a value.
+// variants returns sec as written, unescaped the ways a DSN escapes it, cut
+// where url.Parse cuts a URL, and each of those as strconv.Quote and JSON
+// encode it (without the quotes), which is how text and JSON log handlers
+// write a value.
 func variants(sec string) []string {
 	forms := []string{sec}
 	if inner, ok := strings.CutPrefix(sec, "'"); ok {
@@ -286,6 +287,11 @@ func variants(sec string) []string {
 			b.WriteByte(sec[i])
 		}
 		forms = append(forms, b.String())
+	}
+	// url.Parse cuts a URL at the first '#', '?' or '/', and its error
+	// quotes what is left: a password holding one is seen cut there.
+	if i := strings.IndexAny(sec, "#?/"); i > 0 {
+		forms = append(forms, sec[:i])
 	}
 	var out []string
 	for _, f := range forms {

@@ -72,13 +72,16 @@ func TestScrubber(t *testing.T) {
 		t.Parallel()
 		require.Equal(t, "connect postgres://u:xxxxx@db:5432/x: refused", s.String("connect "+dsn+": refused"))
 	})
-	t.Run("a prefix quoted by url.Parse keeps no password", func(t *testing.T) {
+	t.Run("the part of a password url.Parse quotes is scrubbed", func(t *testing.T) {
 		t.Parallel()
+		dsn := "postgres://u:s3cr3t#more@db:5432/x"
 		_, err := url.Parse(dsn)
 		require.Error(t, err)
-		// url.Parse cuts at the '#': what is left of the password is
-		// not the password, but the full password never appears.
-		require.NotContains(t, s.String(err.Error()), "se#cr%et")
+		// url.Parse quotes the URL cut at the '#'.
+		require.Contains(t, err.Error(), "s3cr3t")
+		got := redact.NewScrubber([]string{dsn}, nil, nil).Error(err).Error()
+		require.NotContains(t, got, "s3cr3t")
+		require.NotContains(t, got, "more")
 	})
 	t.Run("error keeps its chain", func(t *testing.T) {
 		t.Parallel()
