@@ -229,7 +229,9 @@ func (r *replayer) send(ctx context.Context, ev *row) error {
 	if err := r.wait(ctx, r.o.MaxInFlight-1); err != nil {
 		return err
 	}
-	paf, err := r.js.PublishMsgAsync(msg)
+	// No retry inside the client: its timers would store an entity's events
+	// out of order (see noClientRetry); a failure stops the replay instead.
+	paf, err := r.js.PublishMsgAsync(msg, noClientRetry)
 	if err != nil {
 		return fmt.Errorf("replay event %s (seq %d) to %q: %w", ev.id, ev.seq, msg.Subject, err)
 	}
