@@ -13,12 +13,20 @@ import (
 // print themselves; this catches what they pass on from libraries (a
 // driver error quoting the DSN, a log record of the poller).
 func secretScrubber(args []string) *redact.Scrubber {
+	// The values the command will use: a flag given wins over the
+	// environment, where the first non-empty variable wins. Only those
+	// are secrets of this run; scrubbing others (a DATABASE_URL the flag
+	// overrides) would only garble the output.
 	values := func(flag string, env ...string) []string {
-		vs := flagValues(args, flag)
-		for _, e := range append([]string{envName(flag)}, env...) {
-			vs = append(vs, os.Getenv(e))
+		if vs := flagValues(args, flag); len(vs) > 0 {
+			return vs
 		}
-		return vs
+		for _, e := range append([]string{envName(flag)}, env...) {
+			if v := os.Getenv(e); v != "" {
+				return []string{v}
+			}
+		}
+		return nil
 	}
 	return redact.NewScrubber(
 		values("database-url", "DATABASE_URL"),

@@ -73,4 +73,9 @@ func TestSecretScrubberReadsFlagsAndEnvironment(t *testing.T) {
 	got := s.String("tok3n-from-env env-s3cret flag-s3cret url-s3cret nats://u:url-s3cret@h postgres://u:env-s3cret@db/x")
 	require.Equal(t, "xxxxx xxxxx xxxxx xxxxx nats://u:xxxxx@h postgres://u:xxxxx@db/x", got)
 	require.False(t, strings.Contains(got, "s3cret"))
+
+	// A flag overrides the environment: the variable's password is not
+	// this run's secret, and is left alone.
+	s = secretScrubber([]string{"--database-url", "postgres://u:flag-pw@db/x"})
+	require.Equal(t, "xxxxx env-s3cret", s.String("flag-pw env-s3cret"))
 }
