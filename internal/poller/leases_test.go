@@ -93,8 +93,11 @@ func TestPartitionsShareAndRebalance(t *testing.T) {
 	require.Equal(t, 1, b.db.Int(t, `SELECT count(*) FROM events WHERE entity_id = 'poison' AND event_status = 'READY'`),
 		"the poison entity's later event waits behind it")
 
-	// One leaves: the others take its share at their next round.
+	// One leaves: it deletes its rows, and the others take its share at
+	// their next round.
 	require.NoError(t, rs[2].stop())
+	require.Zero(t, b.db.Int(t, `SELECT count(*) FROM events_leases WHERE owner = 'r3'`), "a stopped replica's leases are deleted")
+	require.Zero(t, b.db.Int(t, `SELECT count(*) FROM events_replicas WHERE replica_id = 'r3'`), "a stopped replica's row is deleted")
 	requireShares(t, b, rs[:2], 6, 6)
 	second := changes(subject, 40, 5)
 	b.write(t, second...)
