@@ -130,7 +130,7 @@ func TestPrometheusAlertRules(t *testing.T) {
 			require.Contains(t, runbookText, "| `"+r.Alert+"` |", "%s: listed in the runbook's alert table", r.Alert)
 		}
 	}
-	require.Len(t, seen, 10, "alerts")
+	require.Len(t, seen, 11, "alerts")
 }
 
 func TestGrafanaDashboard(t *testing.T) {

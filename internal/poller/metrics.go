@@ -38,6 +38,13 @@ type Metrics struct {
 	// Backoffs counts the times the loop paused because the database or
 	// the broker was unreachable or too slow.
 	Backoffs prometheus.Counter
+	// OrderViolations counts events JetStream stored after an earlier event
+	// of their entity that this publisher sent ahead of them was refused,
+	// failed or not acknowledged in time: the earlier one, sent again,
+	// arrives after. Any increase means an entity's order is broken (or,
+	// for a lost ack, may be); see docs/ARCHITECTURE.md "Ordering,
+	// precisely".
+	OrderViolations prometheus.Counter
 	// Leader is 1 while this process holds the leader lock (shared, with
 	// partitions), else 0.
 	Leader prometheus.Gauge
@@ -103,6 +110,8 @@ func NewMetrics() *Metrics {
 		}),
 		Backoffs: counter("outbox_publish_backoffs_total",
 			"Times the publish loop paused because the database or the broker was unreachable or too slow."),
+		OrderViolations: counter("outbox_order_violations_total",
+			"Events stored by JetStream after an earlier event of their entity, sent ahead of them, was refused, failed or not acknowledged in time: the entity's order is broken (or, for a lost ack, may be)."),
 		Leader: gauge("outbox_leader",
 			"1 while this publisher holds the leader lock of its table (shared, with --partitions) and publishes, 0 while it stands by."),
 		PartitionsHeld: gauge("outbox_partitions_held",
@@ -133,7 +142,7 @@ func NewMetrics() *Metrics {
 }
 
 func (m *Metrics) collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.Events, m.PublishLatency, m.BatchDuration, m.BatchSize, m.Backoffs,
+	return []prometheus.Collector{m.Events, m.PublishLatency, m.BatchDuration, m.BatchSize, m.Backoffs, m.OrderViolations,
 		m.Leader, m.PartitionsHeld, m.PartitionsConfigured, m.NATSReconnects, m.DatabaseReconnects, m.ReadyEvents, m.RetryingEvents,
 		m.OldestReadyAge, m.FailedEvents, m.BlockedEntities, m.BacklogRefreshed}
 }
@@ -177,6 +186,12 @@ func (m *Metrics) batch(claimed, acked int, start time.Time) {
 func (m *Metrics) backoff() {
 	if m != nil {
 		m.Backoffs.Inc()
+	}
+}
+
+func (m *Metrics) orderViolation() {
+	if m != nil {
+		m.OrderViolations.Inc()
 	}
 }
 

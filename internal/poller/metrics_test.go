@@ -119,6 +119,7 @@ func TestMetricsNames(t *testing.T) {
 		"outbox_batch_duration_seconds",
 		"outbox_batch_size_events",
 		"outbox_publish_backoffs_total",
+		"outbox_order_violations_total",
 		"outbox_leader",
 		"outbox_partitions_held",
 		"outbox_partitions_configured",

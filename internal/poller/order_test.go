@@ -2,10 +2,14 @@ package poller_test
 
 import (
 	"context"
+	"io"
+	"log/slog"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/stretchr/testify/require"
 
 	"github.com/pgnats/outbox/internal/poller"
@@ -104,4 +108,37 @@ func TestReplayStreamGapKeepsEntityOrder(t *testing.T) {
 		require.Greater(t, seq, last[ent], "entity %s out of order in the replay", ent)
 		last[ent] = seq
 	}
+}
+
+// An event refused after a later event of its entity was sent in the next
+// batch, claimed and sent while the refused one's answer was still on its
+// way (pipelining), breaks the entity's order. The loop cannot undo that; it
+// logs it, naming both events, and counts it.
+func TestOrderBrokenByALateRefusalIsLoggedAndCounted(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	stored := b.stream
+	slow := "p" + testenv.Suffix() + ".order.slow"
+	b.jsResponder(t, slow, 10071, 300*time.Millisecond) // wrong last sequence, 300ms after the send
+	b.stream = stored
+
+	var logs testenv.SyncBuffer
+	cfg := fastConfig()
+	cfg.BatchSize = 1 // each event its own batch: the second is sent while the first waits
+	cfg.Metrics = poller.NewMetrics()
+	cfg.Logger = slog.New(slog.NewTextHandler(io.MultiWriter(&logs, testWriter{t}), nil))
+	p := b.start(t, cfg)
+
+	b.write(t,
+		outbox.Event{EntityType: "order", EntityID: "1", Type: "Created", Subject: slow, Data: map[string]int{"n": 1}},
+		outbox.Event{EntityType: "order", EntityID: "1", Type: "Changed", Subject: b.prefix + ".order.changed", Data: map[string]int{"n": 2}})
+	testenv.Eventually(t, 10*time.Second, func() bool {
+		return b.db.Count(t, "SUCCESS") == 1 && b.db.Int(t, `SELECT count(*) FROM events WHERE attempts > 0`) == 1
+	}, "the second event stored, the first refused")
+	ids := b.db.IDs(t, "")
+	testenv.Eventually(t, 5*time.Second, func() bool { return strings.Contains(logs.String(), "the entity's order is broken") },
+		"the broken order is logged")
+	require.Contains(t, logs.String(), "earlier_event_id="+ids[0])
+	require.EqualValues(t, 1, p.Stats().OrderViolations)
+	require.EqualValues(t, 1, testutil.ToFloat64(cfg.Metrics.OrderViolations))
 }

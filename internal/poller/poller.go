@@ -189,6 +189,10 @@ type Stats struct {
 	Failed    int64 // events moved to FAILED
 	Batches   int64 // batches committed
 	Backoffs  int64 // times the loop backed off for an outage
+	// OrderViolations counts events stored by JetStream after an earlier
+	// event of their entity, sent ahead of them, was not (see
+	// Metrics.OrderViolations).
+	OrderViolations int64
 	// Leader: this process leads now; with partitions, it takes part
 	// (holds the leader lock shared).
 	Leader bool
@@ -220,6 +224,7 @@ type Poller struct {
 	suspect  bool                 // a batch hit an outage: ask the broker before claiming
 
 	published, refused, failed, batches, backoffs, heldCount atomic.Int64
+	violations                                               atomic.Int64
 	leading                                                  atomic.Bool
 	// lockPID is the lock session's backend pid while leading: a NOTIFY
 	// it sent (wake, partitioned mode) is not news to this publisher.
@@ -272,7 +277,7 @@ func (p *Poller) Stats() Stats {
 	return Stats{
 		Published: p.published.Load(), Refused: p.refused.Load(), Failed: p.failed.Load(),
 		Batches: p.batches.Load(), Backoffs: p.backoffs.Load(), Leader: p.leading.Load(),
-		Partitions: int(p.heldCount.Load()),
+		Partitions: int(p.heldCount.Load()), OrderViolations: p.violations.Load(),
 	}
 }
 

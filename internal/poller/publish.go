@@ -67,6 +67,14 @@ type batch struct {
 	// this batch's mark records the refusal.
 	refusedEntities map[string]bool
 	outage          error // sending stopped: the broker could not be asked or reached
+	// next is the batch claimed and sent while this one was in flight.
+	next *batch
+	// unstored maps an entity to its earliest event this batch sent that
+	// JetStream did not store (refused, failed or unacknowledged); behind
+	// holds the same for the batch in flight ahead of this one, known once
+	// that batch is finished. A later event of such an entity that is
+	// stored breaks the entity's order: see orderBroken.
+	unstored, behind map[string]*row
 }
 
 type inflight struct {
@@ -98,6 +106,9 @@ func (p *Poller) step(ctx context.Context) (n int, healthy bool, err error) {
 			}
 			if err = p.brokerAnswers(ctx); err == nil {
 				cur, err = p.start(ctx, skip, prev)
+			}
+			if prev != nil {
+				prev.next = cur
 			}
 		}
 	}
@@ -185,6 +196,9 @@ func (p *Poller) finish(ctx context.Context, b *batch) error {
 	acked := p.collect(bctx, b)
 	if b.outage != nil {
 		p.suspect = true
+	}
+	if b.next != nil {
+		b.next.behind = b.unstored
 	}
 	if err := p.mark(bctx, b.tx, acked, b.refused); err != nil {
 		return err
@@ -285,7 +299,7 @@ func (p *Poller) collect(ctx context.Context, b *batch) (acked []string) {
 	deadline := time.NewTimer(time.Until(b.sentAt.Add(p.cfg.AckTimeout)))
 	defer deadline.Stop()
 	expired := false
-	for i, s := range b.sent {
+	for _, s := range b.sent {
 		var (
 			err error
 			ok  bool
@@ -309,36 +323,57 @@ func (p *Poller) collect(ctx context.Context, b *batch) (acked []string) {
 			case err = <-s.paf.Err():
 			default:
 				b.outage = firstErr(b.outage, fmt.Errorf("no PubAck within %s: %w", p.cfg.AckTimeout, context.DeadlineExceeded))
+				b.notStored(s.r) // as far as this publisher knows
 				return acked
 			}
 		}
 		if ok {
 			p.cfg.Metrics.acked(s.at)
 			acked = append(acked, s.r.id)
+			p.orderBroken(b, s.r)
 			continue
 		}
+		b.notStored(s.r)
 		reason, permanent, out := p.classify(ctx, s.r.subject, err)
 		if out != nil {
 			b.outage = firstErr(b.outage, out)
 			continue
-		}
-		if laterSent(b.sent[i+1:], s.r) || p.inflight != nil && laterSent(p.inflight.sent, s.r) {
-			p.log.Warn("event refused after a later event of its entity was sent; the entity's order is broken",
-				"event_id", s.r.id, "entity_type", s.r.entityType, "entity_id", s.r.entityID)
 		}
 		b.refuse(s.r, reason, permanent)
 	}
 	return acked
 }
 
-// laterSent reports whether sent holds a later event of r's entity.
-func laterSent(sent []inflight, r *row) bool {
-	for _, s := range sent {
-		if s.r.seq > r.seq && s.r.entity() == r.entity() {
-			return true
-		}
+// notStored records that JetStream did not store r, which was sent.
+func (b *batch) notStored(r *row) {
+	if b.unstored == nil {
+		b.unstored = map[string]*row{}
 	}
-	return false
+	if _, ok := b.unstored[r.entity()]; !ok {
+		b.unstored[r.entity()] = r
+	}
+}
+
+// orderBroken checks, for r just stored, whether an earlier event of its
+// entity sent ahead of it, in its batch or in the batch in flight ahead of
+// it, was not stored: r then reached the stream first, and the earlier
+// event, sent again later, arrives after it. That is logged and counted
+// (Metrics.OrderViolations). It is the price of sending an entity's events
+// without waiting for each ack; see docs/ARCHITECTURE.md "Ordering,
+// precisely".
+func (p *Poller) orderBroken(b *batch, r *row) {
+	first := b.unstored[r.entity()]
+	if ahead := b.behind[r.entity()]; ahead != nil {
+		first = ahead
+	}
+	if first == nil || first.seq > r.seq {
+		return
+	}
+	p.violations.Add(1)
+	p.cfg.Metrics.orderViolation()
+	p.log.Warn("event stored after an earlier event of its entity that was sent ahead of it was not; the entity's order is broken",
+		"event_id", r.id, "seq", r.seq, "earlier_event_id", first.id, "earlier_seq", first.seq,
+		"entity_type", r.entityType, "entity_id", r.entityID)
 }
 
 // firstErr returns the first non-nil error.
