@@ -307,6 +307,22 @@ func MigrateTo(ctx context.Context, db *sql.DB, t Tables, target int) ([]int, er
 		return nil, fmt.Errorf("connect for migration: %w", err)
 	}
 	defer conn.Close()
+	// A statement_timeout or lock_timeout of the role, the database or the
+	// connection string would cancel the wait for the migration lock and
+	// the long statements of a big table (a copy batch, the validating
+	// scan) on every run, so the table could never be migrated: lift both
+	// for this session while it migrates (a step that takes an exclusive
+	// lock sets its own lock_timeout) and restore them before the
+	// connection goes back to the pool.
+	if _, err := conn.ExecContext(ctx, `SELECT set_config('statement_timeout', '0', false),
+		set_config('lock_timeout', '0', false)`); err != nil {
+		return nil, fmt.Errorf("lift timeouts for migration: %w", err)
+	}
+	defer func() {
+		if _, err := conn.ExecContext(context.WithoutCancel(ctx), `RESET statement_timeout; RESET lock_timeout`); err != nil {
+			_ = conn.Raw(func(any) error { return driver.ErrBadConn })
+		}
+	}()
 	if _, err := conn.ExecContext(ctx, `SELECT pg_advisory_lock($1)`, migrateLockKey); err != nil {
 		return nil, fmt.Errorf("lock migrations: %w", err)
 	}

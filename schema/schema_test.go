@@ -641,3 +641,29 @@ func TestMigrateRetriesAStepThatWaitedTooLongForItsLock(t *testing.T) {
 		t.Fatal("Migrate did not return after the blocker ended")
 	}
 }
+
+// A statement_timeout (and lock_timeout) set for the role, the database or
+// in the connection string, shorter than a step of a big table's
+// migration, does not make Migrate fail on every run: it lifts them for
+// its own session and restores them before handing the connection back.
+func TestMigrateIgnoresTheSessionsStatementTimeout(t *testing.T) {
+	t.Parallel()
+	db, _, name := newSchema(t)
+	_, err := schema.MigrateTo(context.Background(), db, schema.Tables{}, 2)
+	require.NoError(t, err)
+	_, err = db.Exec(`INSERT INTO events (event_id, event_target, event_type, entity_type, entity_id, event_data, event_status)
+		SELECT gen_random_uuid(), 'order.Changed', 'Changed', 'order', 'o-' || (i % 10), jsonb_build_object('i', i), 'SUCCESS'
+		FROM generate_series(1, 60000) i`)
+	require.NoError(t, err)
+	limited, err := sql.Open("postgres", schema.WithSearchPath(testenv.DatabaseURL(), name)+"&statement_timeout=20&lock_timeout=20")
+	require.NoError(t, err)
+	t.Cleanup(func() { limited.Close() })
+	limited.SetMaxOpenConns(1) // the connection Migrate used is the one read below
+
+	applied, err := schema.Migrate(context.Background(), limited, schema.Tables{})
+	require.NoError(t, err)
+	require.Equal(t, []int{3}, applied)
+	var st, lt string
+	require.NoError(t, limited.QueryRow(`SELECT current_setting('statement_timeout'), current_setting('lock_timeout')`).Scan(&st, &lt))
+	require.Equal(t, []string{"20ms", "20ms"}, []string{st, lt}, "the connection's own timeouts are back")
+}
