@@ -60,9 +60,19 @@ func (p *Poller) leaseLimits() txLimits {
 // the loop contends for are held for milliseconds by a live publisher.
 func (p *Poller) lockWait() time.Duration { return p.cfg.LeaderTimeout / 5 }
 
+// readCommitted is the isolation level of every transaction the loop
+// opens, whatever default_transaction_isolation the role or database sets.
+// The claim and the lease round are written for it: each statement sees
+// what committed before it, and a row locked or changed meanwhile is
+// skipped or re-read rather than failing the transaction. Under a
+// SERIALIZABLE default, a mark that met a writer's concurrent insert
+// failed after its batch was sent, so the loop backed off and sent the
+// batch again.
+var readCommitted = &sql.TxOptions{Isolation: sql.LevelReadCommitted}
+
 // beginLimited opens a transaction on the pool and applies limits to it.
 func (p *Poller) beginLimited(ctx context.Context, limits txLimits) (*sql.Tx, error) {
-	tx, err := p.db.BeginTx(ctx, nil)
+	tx, err := p.db.BeginTx(ctx, readCommitted)
 	if err != nil {
 		return nil, err
 	}

@@ -230,7 +230,7 @@ func (p *Poller) claim(ctx context.Context, b claimBudget, probe bool) (*sql.Tx,
 	// still marks the batch it claimed. ctx only bounds the BEGIN itself.
 	txCtx, cancelTx := context.WithCancel(context.WithoutCancel(ctx))
 	stop := context.AfterFunc(ctx, cancelTx)
-	tx, err := p.db.BeginTx(txCtx, nil)
+	tx, err := p.db.BeginTx(txCtx, readCommitted)
 	if !stop() && err == nil {
 		tx.Rollback() //nolint:errcheck
 		err = ctx.Err()
