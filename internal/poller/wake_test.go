@@ -214,3 +214,27 @@ func TestEventWrittenWhileListenConnectionIsDownIsPublished(t *testing.T) {
 			"round %d: the event committed while the listener was down is published", round)
 	}
 }
+
+// While the publisher sleeps, its sleep lock lives on its lock session.
+// When that session dies, writers find the lock free and send no NOTIFY;
+// the publisher must still find their events (here it would otherwise
+// sleep for the hour of its fallback poll).
+func TestEventWrittenAfterTheSleepingLockSessionDiedIsPublished(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	cfg := fastConfig()
+	cfg.PollInterval = time.Hour
+	b.start(t, cfg)
+	for round := range 2 {
+		testenv.Eventually(t, 10*time.Second, func() bool { return b.sleeping(t) },
+			"round %d: the idle publisher sleeps", round)
+		require.Equal(t, 1, b.db.Int(t, `SELECT count(pg_terminate_backend(pid)) FROM pg_locks
+			WHERE locktype = 'advisory' AND classid = $1::bigint::oid
+			  AND objid = to_regclass('events')::oid AND objsubid = 2 AND granted`, schema.SleepLockNamespace))
+		testenv.Eventually(t, 10*time.Second, func() bool { return !b.sleeping(t) },
+			"round %d: the sleep lock died with its session", round)
+		b.write(t, changes(b.prefix+".order.changed", 1, 1)...)
+		testenv.Eventually(t, 20*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == round+1 },
+			"round %d: the event written after the lock session died is published", round)
+	}
+}
