@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jmoiron/sqlx"
 	"github.com/stretchr/testify/require"
 
 	"github.com/pgnats/outbox/internal/poller"
@@ -60,4 +61,32 @@ func TestPayloadsReachConsumersByteForByte(t *testing.T) {
 		require.Equal(t, w.data, m.Data(), "payload of message %d", i)
 		require.Equal(t, w.contentType, m.Headers().Get(outbox.HeaderContentType), "Content-Type of message %d", i)
 	}
+}
+
+// A role or database that sets bytea_output = 'escape' (the format before
+// PostgreSQL 9.0, kept by some old installations) changes how payloads are
+// read back as text: the consumer and History still get the bytes written,
+// backslashes, quotes, NUL and high bytes included.
+func TestPayloadsRoundTripWithEscapeByteaOutput(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	dsn := b.db.DSN + "&bytea_output=escape"
+	db, err := sqlx.Open("postgres", dsn)
+	require.NoError(t, err)
+	t.Cleanup(func() { db.Close() })
+	payload := []byte{0, 1, '\\', 'x', '\\', '\\', 0xff, 0x80, '\'', '"', '\n', '\r', 200}
+	tx, err := db.Beginx()
+	require.NoError(t, err)
+	_, err = b.w.Write(t.Context(), tx, outbox.Event{EntityType: "order", EntityID: "1", Type: "Changed",
+		Subject: b.prefix + ".order.changed", Data: payload, ContentType: "application/octet-stream"})
+	require.NoError(t, err)
+	require.NoError(t, tx.Commit())
+	cfg := fastConfig()
+	cfg.DB, cfg.DSN = db.DB, dsn
+	b.start(t, cfg)
+	testenv.Eventually(t, 10*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == 1 }, "published")
+	require.Equal(t, payload, b.received(t)[0].Data(), "bytes the consumer received")
+	history, err := outbox.History(t.Context(), db, "order", "1")
+	require.NoError(t, err)
+	require.Equal(t, payload, history[0].Data, "bytes History returned")
 }
