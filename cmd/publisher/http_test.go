@@ -138,6 +138,8 @@ func TestRunStartErrors(t *testing.T) {
 		{"negative retention", []string{"--retention", "-1h"}, true, []string{"--retention must not be negative"}},
 		{"bad stream storage", []string{"--stream-storage", "disk"}, true, []string{`--stream-storage "disk": use file or memory`}},
 		{"zero poll interval", []string{"--poll-interval", "0s"}, true, []string{"--poll-interval must be positive"}},
+		{"ack timeout past PostgreSQL's timeouts", []string{"--ack-timeout", "300h"}, true, []string{"--ack-timeout must be at most 24h0m0s"}},
+		{"leader timeout past PostgreSQL's timeouts", []string{"--leader-timeout", "720h"}, true, []string{"--leader-timeout must be at most 24h0m0s"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()

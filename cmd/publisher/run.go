@@ -46,6 +46,10 @@ type runOptions struct {
 	metricsEvery    string
 }
 
+// maxTimeoutFlag bounds --ack-timeout and --leader-timeout, from which the
+// publisher derives PostgreSQL timeouts.
+const maxTimeoutFlag = 24 * time.Hour
+
 func runPublisher(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var o runOptions
 	c := newCommand("run", "", `
@@ -101,6 +105,15 @@ join or leave. An entity's events still go out in order.`)
 		"retry-base": o.retryBase, "retry-max": o.retryMax, "backoff-max": o.backoffMax, "leader-timeout": o.leaderTimeout} {
 		if d <= 0 {
 			return usagef("run: --%s must be positive, got %s", name, d)
+		}
+	}
+	// PostgreSQL takes timeouts of at most 2^31-1 ms (24.8 days). The lock
+	// session waits up to 2 × (2 × --ack-timeout + 5s) and idles out after
+	// --leader-timeout: past the limit every election failed, for ever,
+	// with the process up.
+	for name, d := range map[string]time.Duration{"ack-timeout": o.ackTimeout, "leader-timeout": o.leaderTimeout} {
+		if d > maxTimeoutFlag {
+			return usagef("run: --%s must be at most %s, got %s", name, maxTimeoutFlag, d)
 		}
 	}
 	if o.retention < 0 {
