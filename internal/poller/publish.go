@@ -438,16 +438,25 @@ func (p *Poller) classify(ctx context.Context, subject string, err error) (reaso
 	return "", false, fmt.Errorf("publish: %w", err)
 }
 
+// wireEvent is the event of a stored row.
+func wireEvent(r *row) (wire.Event, error) {
+	user, err := r.userHeaders()
+	if err != nil {
+		return wire.Event{}, fmt.Errorf("stored event %s: %w", r.id, err)
+	}
+	return wire.Event{ID: r.id, Seq: r.seq, Subject: r.subject, Type: r.eventType, EntityType: r.entityType,
+		EntityID: r.entityID, Data: r.data, Headers: user, CreatedAt: r.createdAt}, nil
+}
+
 // message builds the NATS message of a row with wire.Build, and returns it
 // with its size, or why it cannot be published to a server whose
 // max_payload is maxPayload.
 func message(r *row, maxPayload int) (*nats.Msg, int, error) {
-	user, err := r.userHeaders()
+	ev, err := wireEvent(r)
 	if err != nil {
-		return nil, 0, fmt.Errorf("stored event %s: %w", r.id, err)
+		return nil, 0, err
 	}
-	m, size, err := wire.Build(wire.Event{ID: r.id, Seq: r.seq, Subject: r.subject, Type: r.eventType,
-		EntityType: r.entityType, EntityID: r.entityID, Data: r.data, Headers: user, CreatedAt: r.createdAt}, maxPayload)
+	m, size, err := wire.Build(ev, maxPayload)
 	if err != nil {
 		return nil, 0, fmt.Errorf("stored event %s cannot be published: %w", r.id, err)
 	}

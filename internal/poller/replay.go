@@ -10,7 +10,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/pgnats/outbox/pkg/outbox"
+	"github.com/pgnats/outbox/internal/wire"
 	"github.com/pgnats/outbox/schema"
 )
 
@@ -75,7 +75,7 @@ var ErrReplayRefused = errors.New("JetStream refused a replayed event")
 // suffix naming the replay, so the stream's duplicate window lets it in
 // while pkg/dedup, which keys on the Outbox-Event-Id header, still drops it
 // for a consumer that already processed the event.
-func ReplayMsgID(eventID, runID string) string { return eventID + ":replay:" + runID }
+func ReplayMsgID(eventID, runID string) string { return wire.ReplayMsgID(eventID, runID) }
 
 // Replay publishes the SUCCESS events f selects again, in seq order, with
 // the headers the publisher sets (see message) except Nats-Msg-Id, which
@@ -217,15 +217,22 @@ type replayed struct {
 }
 
 func (r *replayer) send(ctx context.Context, ev *row) error {
-	msg, _, err := message(ev, int(r.js.Conn().MaxPayload()))
+	// The message as replayed (prefixed subject, replay message id and
+	// header) is checked against the rule as a whole: a prefix that makes
+	// the protocol line too long would make the server close the
+	// connection.
+	w, err := wireEvent(ev)
 	if err != nil {
 		return fmt.Errorf("replay event %s (seq %d): %w", ev.id, ev.seq, err)
 	}
 	if r.o.SubjectPrefix != "" {
-		msg.Subject = r.o.SubjectPrefix + "." + msg.Subject
+		w.Subject = r.o.SubjectPrefix + "." + cmp.Or(w.Subject, w.EntityType+"."+w.Type)
 	}
-	msg.Header.Set(jetstream.MsgIDHeader, ReplayMsgID(ev.id, r.o.RunID))
-	msg.Header.Set(outbox.HeaderReplay, r.o.RunID)
+	w.Replay = r.o.RunID
+	msg, _, err := wire.Build(w, int(r.js.Conn().MaxPayload()))
+	if err != nil {
+		return fmt.Errorf("replay event %s (seq %d) cannot be published: %w", ev.id, ev.seq, err)
+	}
 	if err := r.wait(ctx, r.o.MaxInFlight-1); err != nil {
 		return err
 	}

@@ -26,10 +26,16 @@
 //
 // On top, the outbox's own rules: subjects are literal (no wildcards, no
 // empty token, no whitespace or control characters), every text is valid
-// UTF-8 without NUL (PostgreSQL's text refuses NUL), header values hold no
-// CR or LF (the client would turn them into spaces), the names the
-// publisher sets are reserved, and EntityType, EntityID and Type are
-// bounded so that no index on them can refuse the row.
+// UTF-8 without NUL (PostgreSQL's text refuses NUL), header values
+// (EntityType, EntityID and Type travel as header values too) hold no CR or
+// LF (the client would turn them into spaces) and neither start nor end with
+// a space or a tab (the client trims them, so the consumer would read
+// another value), no header name or value holds "Nats-Msg-Id" (older
+// nats-servers, 2.9 among them, look the message id up as the first
+// occurrence of that text in the header block, miss it and store a resent
+// event twice), the names the publisher sets are reserved, and EntityType,
+// EntityID and Type are bounded so that no index on them can refuse the
+// row.
 package wire
 
 import (
@@ -91,13 +97,29 @@ type Event struct {
 	Data       []byte
 	Headers    map[string]string // the user's headers
 	CreatedAt  time.Time
+	// Replay, when set, is the run id of a replay: Nats-Msg-Id is then
+	// ReplayMsgID(ID, Replay) and the Outbox-Replay header is set to it.
+	Replay string
 }
 
+// ReplayRunIDLen is the length of the run ids `publisher replay` uses (a
+// UUID), for which Worst reserves room: every event Write accepts can also
+// be replayed.
+const ReplayRunIDLen = 36
+
+// ReplayMsgID is the Nats-Msg-Id of an event sent again by a replay: the
+// event id and the run id, so that JetStream does not drop the replayed
+// copy as a duplicate of the original, while the same run sent twice is
+// deduplicated.
+func ReplayMsgID(eventID, runID string) string { return eventID + ":replay:" + runID }
+
 // Worst returns ev with the fields the publisher fills in (ID, Seq,
-// CreatedAt) at their longest, so that the message of every row ev can
-// become is no larger than Build's of it.
+// CreatedAt) at their longest, and as a replay would send it (with a run id
+// of ReplayRunIDLen bytes), so that the message of every row ev can become
+// is no larger than Build's of it.
 func Worst(ev Event) Event {
 	ev.ID = "00000000-0000-0000-0000-000000000000"
+	ev.Replay = strings.Repeat("0", ReplayRunIDLen)
 	ev.Seq = math.MaxInt64
 	ev.CreatedAt = time.Date(9999, 12, 31, 23, 59, 59, 999999999, time.UTC)
 	return ev
@@ -136,7 +158,9 @@ func Build(ev Event, maxPayload int) (*nats.Msg, int, error) {
 		case len(f.value) > f.max:
 			return bad(f.name, "%d bytes, over the maximum of %d", len(f.value), f.max)
 		case !validValue(f.value):
-			return bad(f.name, "must be valid UTF-8 without CR, LF or NUL")
+			return bad(f.name, "%s", valueRule)
+		case strings.Contains(f.value, msgIDText):
+			return bad(f.name, "%s", msgIDRule)
 		}
 	}
 	subject := ev.Subject
@@ -158,12 +182,23 @@ func Build(ev Event, maxPayload int) (*nats.Msg, int, error) {
 			return bad("Headers", "name %q: must be printable ASCII without spaces or any of %s (the NATS client refuses it)", short(k), badNameChars)
 		case reserved(k):
 			return bad("Headers", "name %q is set by the publisher", short(k))
+		case strings.Contains(k, msgIDText):
+			return bad("Headers", "name %q %s", short(k), msgIDRule)
 		case !validValue(v):
-			return bad("Headers", "value of %q: must be valid UTF-8 without CR, LF or NUL", short(k))
+			return bad("Headers", "value of %q: %s", short(k), valueRule)
+		case strings.Contains(v, msgIDText):
+			return bad("Headers", "value of %q: %s", short(k), msgIDRule)
 		}
 		m.Header.Set(k, v)
 	}
 	m.Header.Set(HeaderMsgID, ev.ID)
+	if ev.Replay != "" {
+		if !validValue(ev.Replay) || strings.Contains(ev.Replay, msgIDText) {
+			return bad("Replay", "run id %q: %s", short(ev.Replay), valueRule)
+		}
+		m.Header.Set(HeaderMsgID, ReplayMsgID(ev.ID, ev.Replay))
+		m.Header.Set(HeaderReplay, ev.Replay)
+	}
 	m.Header.Set(HeaderEventID, ev.ID)
 	m.Header.Set(HeaderEventType, ev.Type)
 	m.Header.Set(HeaderEntityType, ev.EntityType)
@@ -255,10 +290,21 @@ func CheckSubject(s string) error {
 }
 
 // validValue reports whether v can be stored as PostgreSQL text and travel
-// unchanged as a NATS header value.
+// unchanged as a NATS header value: nats.go trims leading and trailing
+// spaces and tabs, and turns CR and LF into spaces.
 func validValue(v string) bool {
-	return utf8.ValidString(v) && !strings.ContainsAny(v, "\r\n\x00")
+	return utf8.ValidString(v) && !strings.ContainsAny(v, "\r\n\x00") && strings.Trim(v, " \t") == v
 }
+
+const valueRule = "must be valid UTF-8 without CR, LF or NUL, and neither start nor end with a space or a tab (the NATS client trims them)"
+
+// msgIDText is the header name nats-server looks the message id up by.
+// Servers before the fix look it up as the first occurrence of the text in
+// the header block, and find none when a header sent before it holds the
+// text.
+const msgIDText = HeaderMsgID
+
+const msgIDRule = `must not hold "` + msgIDText + `": older nats-servers (2.9 among them) then miss the message id and store an event sent again twice`
 
 // reserved reports whether k is a name the publisher or NATS owns: "Nats-"
 // and "Outbox-" names, in any case.

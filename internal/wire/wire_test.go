@@ -61,6 +61,15 @@ func TestBuild(t *testing.T) {
 		{"header name with braces", func(e *wire.Event) { e.Headers = map[string]string{"{k}": "1"} }, "Headers"},
 		{"reserved header", func(e *wire.Event) { e.Headers = map[string]string{"nats-expected-stream": "x"} }, "Headers"},
 		{"header value with LF", func(e *wire.Event) { e.Headers = map[string]string{"k": "a\nb"} }, "Headers"},
+		{"header value with a tab inside", func(e *wire.Event) { e.Headers = map[string]string{"k": "a\tb"} }, ""},
+		{"header value with a leading space", func(e *wire.Event) { e.Headers = map[string]string{"k": " a"} }, "Headers"},
+		{"header value with a trailing tab", func(e *wire.Event) { e.Headers = map[string]string{"k": "a\t"} }, "Headers"},
+		{"header value with a no-break space", func(e *wire.Event) { e.Headers = map[string]string{"k": "a\u00a0"} }, ""},
+		{"entity id with a trailing space", func(e *wire.Event) { e.EntityID = "42 " }, "EntityID"},
+		{"header name holding the message id's", func(e *wire.Event) { e.Headers = map[string]string{"X-Nats-Msg-Id": "1"} }, "Headers"},
+		{"header value holding the message id's name", func(e *wire.Event) { e.Headers = map[string]string{"A": "Nats-Msg-Id"} }, "Headers"},
+		{"entity id holding the message id's name", func(e *wire.Event) { e.EntityID = "Nats-Msg-Id" }, "EntityID"},
+		{"replay run id with a trailing space", func(e *wire.Event) { e.Replay = "r " }, "Replay"},
 		{"entity id at its maximum", func(e *wire.Event) { e.EntityID = long(wire.MaxEntityID) }, ""},
 		{"entity id over its maximum", func(e *wire.Event) { e.EntityID = long(wire.MaxEntityID + 1) }, "EntityID"},
 		{"entity type over its maximum", func(e *wire.Event) { e.EntityType = long(wire.MaxEntityType + 1) }, "EntityType"},
@@ -122,6 +131,10 @@ func TestWorstBoundsRealMessages(t *testing.T) {
 	require.NoError(t, err)
 	require.Greater(t, worst, real)
 	// Ids are 36 bytes and this time has nine digits of nanoseconds, the
-	// longest: only the seq differs, 19 digits against 1.
-	require.Equal(t, 19-1, worst-real)
+	// longest: only the seq differs, 19 digits against 1, and Worst is
+	// the message as a replay sends it.
+	ev.Replay = strings.Repeat("r", wire.ReplayRunIDLen)
+	_, replayed, err := wire.Build(ev, 0)
+	require.NoError(t, err)
+	require.Equal(t, 19-1, worst-replayed)
 }

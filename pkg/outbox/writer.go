@@ -44,7 +44,10 @@ const (
 //
 // Write accepts an event only if the NATS client and a NATS server with
 // default limits will take its message, the same rule the publisher checks
-// again before sending: every text valid UTF-8 without NUL, CR or LF; the
+// again before sending: every text valid UTF-8 without NUL, CR or LF; header
+// values, EntityType, EntityID and Type neither starting nor ending with a
+// space or a tab (the NATS client trims them) and not holding the text
+// "Nats-Msg-Id" (nats-server 2.9 would then miss the message id); the
 // limits below; and the message, with the headers the publisher adds, within
 // Config.MaxBytes, a 64 KiB header block and the server's 4096-byte protocol
 // line.
