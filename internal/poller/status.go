@@ -1,6 +1,7 @@
 package poller
 
 import (
+	"cmp"
 	"context"
 	"database/sql"
 	"errors"
@@ -15,14 +16,17 @@ import (
 
 // Status is a snapshot of an events table, for `publisher status`.
 type Status struct {
-	Table          string          `json:"table"`
-	Counts         map[string]int  `json:"counts"` // by event_status
-	Retrying       int             `json:"retrying"`
-	OldestReadyAge *time.Duration  `json:"oldest_ready_age_ns,omitempty"`
-	Blocked        []BlockedEntity `json:"blocked_entities"`
-	BlockedTotal   int             `json:"blocked_entities_total"`
-	RecentFailed   []FailedEvent   `json:"recent_failed"`
-	Leader         *LeaderInfo     `json:"leader,omitempty"`
+	Table  string         `json:"table"`
+	Counts map[string]int `json:"counts"` // by event_status
+	// SuccessEstimated is true when Counts["SUCCESS"] is the planner's
+	// estimate (StatusOptions.EstimateSuccess), not a count.
+	SuccessEstimated bool            `json:"success_estimated,omitempty"`
+	Retrying         int             `json:"retrying"`
+	OldestReadyAge   *time.Duration  `json:"oldest_ready_age_ns,omitempty"`
+	Blocked          []BlockedEntity `json:"blocked_entities"`
+	BlockedTotal     int             `json:"blocked_entities_total"`
+	RecentFailed     []FailedEvent   `json:"recent_failed"`
+	Leader           *LeaderInfo     `json:"leader,omitempty"`
 	// Replicas are the publishers run with --partitions that were seen
 	// within their lease time, with the partitions each holds.
 	Replicas []ReplicaInfo `json:"replicas,omitempty"`
@@ -69,32 +73,45 @@ type LeaderInfo struct {
 }
 
 // ReadStatus reads the status of table. limit bounds the blocked and
-// failed lists.
+// failed lists. The counts are exact: it counts every row of the table.
 func ReadStatus(ctx context.Context, db *sql.DB, table string, limit int) (*Status, error) {
+	return ReadStatusWith(ctx, db, table, StatusOptions{Limit: limit})
+}
+
+// StatusOptions shapes ReadStatusWith.
+type StatusOptions struct {
+	// Limit bounds the blocked and failed lists. Default 10.
+	Limit int
+	// EstimateSuccess counts READY and FAILED events exactly (through
+	// their partial indexes) and estimates SUCCESS events from the
+	// planner's row count of the table (pg_class.reltuples, as of the
+	// last ANALYZE or VACUUM), instead of counting every row: the
+	// status of a table of millions of events then costs as much as
+	// its backlog. Status.SuccessEstimated tells which was done.
+	EstimateSuccess bool
+}
+
+// ReadStatusWith reads the status of table as o says.
+func ReadStatusWith(ctx context.Context, db *sql.DB, table string, o StatusOptions) (*Status, error) {
 	name, err := schema.ParseName(table)
 	if err != nil {
 		return nil, err
 	}
+	limit := cmp.Or(o.Limit, 10)
 	t := name.Quoted()
 	st := &Status{Table: name.String(), Counts: map[string]int{"READY": 0, "SUCCESS": 0, "FAILED": 0}}
 
-	rows, err := db.QueryContext(ctx, `SELECT event_status, count(*) FROM `+t+` GROUP BY event_status`)
+	if o.EstimateSuccess {
+		err = estimateCounts(ctx, db, name, st)
+	} else {
+		err = countAll(ctx, db, t, st)
+	}
 	if pqErr := (*pq.Error)(nil); errors.As(err, &pqErr) && pqErr.Code == "42P01" {
 		return nil, fmt.Errorf("events table %s does not exist: run 'publisher migrate' first, or check --table and the database's search_path", name)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("count events: %w", err)
 	}
-	for rows.Next() {
-		var s string
-		var n int
-		if err := rows.Scan(&s, &n); err != nil {
-			rows.Close()
-			return nil, err
-		}
-		st.Counts[s] = n
-	}
-	rows.Close()
 
 	var age sql.NullFloat64
 	if err := db.QueryRowContext(ctx, `SELECT extract(epoch FROM now() - min(created_at)),
@@ -119,7 +136,7 @@ func ReadStatus(ctx context.Context, db *sql.DB, table string, limit int) (*Stat
 			WHERE w.entity_type = b.entity_type AND w.entity_id = b.entity_id
 			  AND w.seq > b.seq AND w.event_status = 'READY'), count(*) OVER ()
 		FROM blockers b ORDER BY b.seq LIMIT $1`
-	rows, err = db.QueryContext(ctx, blocked, limit)
+	rows, err := db.QueryContext(ctx, blocked, limit)
 	if err != nil {
 		return nil, fmt.Errorf("read blocked entities: %w", err)
 	}
@@ -171,6 +188,49 @@ func ReadStatus(ctx context.Context, db *sql.DB, table string, limit int) (*Stat
 		return nil, err
 	}
 	return st, nil
+}
+
+// countAll counts the events of table t (quoted) per status, reading
+// every row.
+func countAll(ctx context.Context, db *sql.DB, t string, st *Status) error {
+	rows, err := db.QueryContext(ctx, `SELECT event_status, count(*) FROM `+t+` GROUP BY event_status`)
+	if err != nil {
+		return err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var s string
+		var n int
+		if err := rows.Scan(&s, &n); err != nil {
+			return err
+		}
+		st.Counts[s] = n
+	}
+	return rows.Err()
+}
+
+// estimateCounts counts READY and FAILED events through the partial
+// indexes that hold only them, and estimates SUCCESS events as the
+// planner's row count of the table less those. A table never analyzed
+// (reltuples -1) is counted exactly.
+func estimateCounts(ctx context.Context, db *sql.DB, name schema.Name, st *Status) error {
+	t := name.Quoted()
+	var ready, failed int
+	var total float64
+	err := db.QueryRowContext(ctx, `SELECT
+			(SELECT count(*) FROM `+t+` WHERE event_status = 'READY'),
+			(SELECT count(*) FROM `+t+` WHERE event_status = 'FAILED'),
+			(SELECT reltuples FROM pg_class WHERE oid = to_regclass($1))`, t).Scan(&ready, &failed, &total)
+	if err != nil {
+		return err
+	}
+	if total < 0 {
+		return countAll(ctx, db, t, st)
+	}
+	st.Counts["READY"], st.Counts["FAILED"] = ready, failed
+	st.Counts["SUCCESS"] = max(0, int(total)-ready-failed)
+	st.SuccessEstimated = true
+	return nil
 }
 
 // readReplicas lists the live partitioned publishers of the events table
@@ -279,10 +339,19 @@ func escapeLike(s string) string {
 	return strings.NewReplacer(`\`, `\\`, `%`, `\%`, `_`, `\_`).Replace(s)
 }
 
+// RequeueChunk is how many events Requeue moves per statement: it works
+// through the events a filter selects in seq order, a chunk at a time,
+// so requeueing thousands of events never holds their row locks together
+// or stalls the publisher behind one long UPDATE.
+const RequeueChunk = 1000
+
 // Requeue moves the FAILED events that f selects back to READY with
 // attempts reset, due now, and returns how many it moved (or, with dryRun,
-// would move). last_error is kept until the event is published. A filter
-// that selects nothing returns an error wrapping ErrNoSelector.
+// would move). It moves them in seq order, RequeueChunk at a time, each
+// chunk its own statement: an error stops it with the earlier chunks
+// moved, and their count returned. last_error is kept until the event is
+// published. A filter that selects nothing returns an error wrapping
+// ErrNoSelector.
 func Requeue(ctx context.Context, db *sql.DB, table string, f RequeueFilter, dryRun bool) (int64, error) {
 	name, err := schema.ParseName(table)
 	if err != nil {
@@ -292,23 +361,39 @@ func Requeue(ctx context.Context, db *sql.DB, table string, f RequeueFilter, dry
 	if err != nil {
 		return 0, fmt.Errorf("requeue: %w", err)
 	}
-	q := `UPDATE ` + name.Quoted() + ` SET event_status = 'READY', attempts = 0, available_at = now() WHERE ` + where
+	t := name.Quoted()
 	if dryRun {
-		q = `SELECT count(*) FROM ` + name.Quoted() + ` WHERE ` + where
 		var n int64
-		if err := db.QueryRowContext(ctx, q, args...).Scan(&n); err != nil {
+		if err := db.QueryRowContext(ctx, `SELECT count(*) FROM `+t+` WHERE `+where, args...).Scan(&n); err != nil {
 			return 0, fmt.Errorf("count failed events: %w", err)
 		}
 		return n, nil
 	}
-	res, err := db.ExecContext(ctx, q, args...)
-	if err != nil {
-		return 0, fmt.Errorf("requeue: %w", err)
+	// The chunk is chosen first, then each row is moved only if it is
+	// still FAILED when locked: a publisher or another requeue may have
+	// changed it meanwhile.
+	q := `WITH chunk AS (
+			SELECT seq FROM ` + t + ` WHERE ` + where + fmt.Sprintf(` AND seq > $%d ORDER BY seq LIMIT $%d`, len(args)+1, len(args)+2) + `),
+		moved AS (
+			UPDATE ` + t + ` e SET event_status = 'READY', attempts = 0, available_at = now()
+			FROM chunk WHERE e.seq = chunk.seq AND e.event_status = 'FAILED' RETURNING 1)
+		SELECT (SELECT count(*) FROM moved), (SELECT max(seq) FROM chunk)`
+	var total int64
+	last := int64(0)
+	for {
+		var n int64
+		var next sql.NullInt64
+		if err := db.QueryRowContext(ctx, q, append(args, last, RequeueChunk)...).Scan(&n, &next); err != nil {
+			return total, fmt.Errorf("requeue: %w", err)
+		}
+		total += n
+		if n > 0 {
+			// An UPDATE fires no insert trigger: wake the publisher directly.
+			_, _ = db.ExecContext(ctx, `SELECT pg_notify('outbox_' || to_regclass($1)::oid::text, '')`, t)
+		}
+		if !next.Valid {
+			return total, nil
+		}
+		last = next.Int64
 	}
-	n, _ := res.RowsAffected()
-	if n > 0 {
-		// An UPDATE fires no insert trigger: wake the publisher directly.
-		_, _ = db.ExecContext(ctx, `SELECT pg_notify('outbox_' || to_regclass($1)::oid::text, '')`, name.Quoted())
-	}
-	return n, nil
 }
