@@ -64,6 +64,8 @@ func TestFaults(t *testing.T) {
 		{"13e a lease taken over while its replica lives", faultLeaseIntruder},
 		{"13f partitioned replicas, one frozen inside each kind of transaction", faultPartitionsFrozenInside},
 		{"14 2,000 events of 900 KiB, memory sampled", faultBigEvents},
+		{"16a PostgreSQL failover to a synchronous standby", faultPGFailover(true)},
+		{"16b PostgreSQL failover to an asynchronous standby", faultPGFailover(false)},
 	} {
 		t.Run(strings.ReplaceAll(sc.name, " ", "_"), func(t *testing.T) {
 			began := time.Now()
@@ -636,17 +638,7 @@ func faultPGRestart(t *testing.T) faultRow {
 	}
 	// The publisher must lead again and publish what was written meanwhile.
 	restarted := time.Now()
-	marked := -1
-	resumed := waitFor(30*time.Second, func() bool {
-		var n int
-		if b.db.Get(&n, `SELECT count(*) FROM events WHERE event_status = 'SUCCESS'`) != nil {
-			return false
-		}
-		if marked < 0 {
-			marked = n // the first answer after the restart
-		}
-		return n > marked
-	})
+	resumed := b.markedAgain(30 * time.Second)
 	resumedIn := time.Since(restarted)
 	pause(3 * time.Second)
 	fw.stop()
@@ -662,4 +654,22 @@ func faultPGRestart(t *testing.T) faultRow {
 		r.failed = true
 	}
 	return r
+}
+
+// markedAgain waits up to timeout until the count of SUCCESS events grows
+// past the database's first answer (it may be down or recovering at the
+// call), and reports whether it did: a batch was marked after a restart
+// or failover.
+func (b *bundle) markedAgain(timeout time.Duration) bool {
+	marked := -1
+	return waitFor(timeout, func() bool {
+		var n int
+		if b.db.Get(&n, `SELECT count(*) FROM events WHERE event_status = 'SUCCESS'`) != nil {
+			return false
+		}
+		if marked < 0 {
+			marked = n
+		}
+		return n > marked
+	})
 }

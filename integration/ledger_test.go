@@ -33,6 +33,10 @@ type ledgerEntry struct {
 	committed bool // its transaction committed
 	poison    bool // written to be refused; expected FAILED, not counted lost
 	unknown   bool // its COMMIT errored: committed or not is asked of the database later (resolve)
+	// gone: it may have committed (committed or unknown), but a failover
+	// to an asynchronous standby lost it, with its business row
+	// (forgetGone). Not counted lost; if delivered, counted a ghost.
+	gone bool
 }
 
 // faultLedger records every event the writers of a scenario tried to write
@@ -122,6 +126,10 @@ type writerLoad struct {
 	rollbackPct int           // transactions rolled back on purpose
 	latePct     int           // transactions that wait lateFor between insert and commit
 	lateFor     time.Duration
+	// business: each transaction also inserts one row per event into
+	// fault_business (the service's own change), which the scenario
+	// creates; forgetGone checks the pairs.
+	business bool
 }
 
 var steadyLoad = writerLoad{writers: 4, entities: 10, pause: 5 * time.Millisecond}
@@ -162,7 +170,7 @@ func startFaultWriters(t *testing.T, b *bundle, l *faultLedger, load writerLoad)
 				}
 				rollback := rng.IntN(100) < load.rollbackPct
 				late := !rollback && rng.IntN(100) < load.latePct
-				committed, err := fw.tx(b, l, events, rollback, late, load.lateFor)
+				committed, err := fw.tx(b, l, events, rollback, late, load.lateFor, load.business)
 				if !committed {
 					for _, ev := range events {
 						next[ev.EntityID]--
@@ -187,7 +195,7 @@ func startFaultWriters(t *testing.T, b *bundle, l *faultLedger, load writerLoad)
 // events are recorded as unknown, settle asks the database once it
 // answers, and their numbers are not reused (a gap if they did not
 // commit, which is no inversion).
-func (fw *faultWriters) tx(b *bundle, l *faultLedger, events []outbox.Event, rollback, late bool, lateFor time.Duration) (bool, error) {
+func (fw *faultWriters) tx(b *bundle, l *faultLedger, events []outbox.Event, rollback, late bool, lateFor time.Duration, business bool) (bool, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	tx, err := b.db.BeginTxx(ctx, nil)
@@ -202,6 +210,11 @@ func (fw *faultWriters) tx(b *bundle, l *faultLedger, events []outbox.Event, rol
 	ids := make([]string, len(uids))
 	for i, u := range uids {
 		ids[i] = u.String()
+	}
+	if business {
+		if err := insertBusiness(ctx, tx, ids, events); err != nil {
+			return false, err
+		}
 	}
 	if rollback {
 		if err := tx.Rollback(); err != nil {
@@ -260,11 +273,11 @@ const faultConsumerName = "faults"
 
 func startFaultConsumer(t *testing.T, b *bundle, url, stream string, crashPerMille int) *faultConsumer {
 	t.Helper()
-	_, err := b.db.Exec(`CREATE TABLE IF NOT EXISTS fault_effects (event_id text NOT NULL, entity text NOT NULL, n int NOT NULL)`)
+	_, err := b.fxDB().Exec(`CREATE TABLE IF NOT EXISTS fault_effects (event_id text NOT NULL, entity text NOT NULL, n int NOT NULL)`)
 	if err != nil {
 		t.Fatalf("create fault_effects: %v", err)
 	}
-	proc, err := dedup.New(b.db.DB, dedup.Config{})
+	proc, err := dedup.New(b.fxDB().DB, dedup.Config{})
 	if err != nil {
 		t.Fatalf("dedup.New: %v", err)
 	}
@@ -358,8 +371,11 @@ type faultRow struct {
 	scenario                                        string
 	written, delivered, lost, unexpected            int
 	dupBefore, dupAfter, inversions, failedExpected int
-	notes                                           []string
-	failed                                          bool
+	// ghosts: delivered events of the ledger's gone entries (published
+	// from a primary that then lost them in a failover).
+	ghosts int
+	notes  []string
+	failed bool
 }
 
 func (r *faultRow) note(format string, args ...any) {
@@ -381,8 +397,10 @@ func classify(t *testing.T, b *bundle, l *faultLedger, msgs []streamMsg, blocked
 		seen[m.eventID]++
 	}
 	for id, n := range seen {
-		e := l.entries[id]
-		if e == nil || !e.committed || e.poison {
+		switch e := l.entries[id]; {
+		case e != nil && e.gone:
+			r.ghosts++
+		case e == nil || !e.committed || e.poison:
 			r.unexpected++
 		}
 		r.dupBefore += n - 1
@@ -426,7 +444,7 @@ func classify(t *testing.T, b *bundle, l *faultLedger, msgs []streamMsg, blocked
 	}
 
 	var dups int
-	if err := b.db.Get(&dups, `SELECT coalesce(sum(c - 1), 0) FROM (SELECT count(*) AS c FROM fault_effects GROUP BY event_id) s`); err != nil {
+	if err := b.fxDB().Get(&dups, `SELECT coalesce(sum(c - 1), 0) FROM (SELECT count(*) AS c FROM fault_effects GROUP BY event_id) s`); err != nil {
 		t.Errorf("count duplicate effects: %v", err)
 	}
 	r.dupAfter = dups
@@ -437,7 +455,7 @@ func classify(t *testing.T, b *bundle, l *faultLedger, msgs []streamMsg, blocked
 func (b *bundle) effects(t *testing.T) int {
 	t.Helper()
 	var n int
-	if err := b.db.Get(&n, `SELECT count(DISTINCT event_id) FROM fault_effects`); err != nil {
+	if err := b.fxDB().Get(&n, `SELECT count(DISTINCT event_id) FROM fault_effects`); err != nil {
 		t.Errorf("count effects: %v", err)
 	}
 	return n

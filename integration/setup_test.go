@@ -24,6 +24,17 @@ type bundle struct {
 	stream string // name of the stream covering prefix.>
 	prefix string // the stream's subject prefix, unique to the test
 	w      *outbox.Writer
+	// fx, when set, is the consumer's own database (its dedup table and
+	// fault_effects); nil: db.
+	fx *testenv.DB
+}
+
+// fxDB returns the consumer's database.
+func (b *bundle) fxDB() *testenv.DB {
+	if b.fx != nil {
+		return b.fx
+	}
+	return b.db
 }
 
 // setup gives the test its own schema and its own stream (memory, 2m
