@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/http"
 	"strings"
 	"time"
 
@@ -44,6 +45,7 @@ type runOptions struct {
 	processed       processedRetention
 	httpAddr        string
 	metricsEvery    string
+	console         consoleOptions
 }
 
 // maxTimeoutFlag bounds --ack-timeout and --leader-timeout, from which the
@@ -88,6 +90,7 @@ join or leave. An entity's events still go out in order.`)
 	o.processed.register(c)
 	c.String(&o.httpAddr, "http-addr", "", "serve /metrics, /healthz and /readyz on this host:port, e.g. :9090 (empty: no HTTP)")
 	c.String(&o.metricsEvery, "metrics-schedule", "@every 15s", "with --http-addr: cron schedule of the backlog gauges' refresh query")
+	o.console.register(c)
 	if err := c.parse(args, stdout); err != nil {
 		return err
 	}
@@ -142,14 +145,27 @@ join or leave. An entity's events still go out in order.`)
 			return err
 		}
 	}
+	if err := o.console.check(o.httpAddr); err != nil {
+		return err
+	}
 
 	log.Info("publisher starting", "table", o.table, "database", redact.DSN(o.databaseURL), "nats", redact.NATS(o.nats.url),
 		"batch_size", o.batchSize, "batch_bytes", o.batchBytes, "listen", !o.noListen, "poll_interval", o.pollInterval)
 	metrics := poller.NewMetrics()
 	var ready readiness
+	cons := &consoleServer{o: o.console, log: log}
 	if o.httpAddr != "" {
 		// Up before the database, so /healthz answers while waiting for it.
-		stopHTTP, err := serveHTTP(o.httpAddr, newHTTPHandler(newRegistry(metrics), &ready, log), log)
+		h := newHTTPHandler(newRegistry(metrics), &ready, log)
+		if o.console.enabled {
+			mux := http.NewServeMux()
+			mux.Handle("/", h)
+			mux.Handle(pathConsole, cons)
+			h = mux
+			log.Info("serving the web console", "path", pathConsole, "actions", o.console.actions,
+				"basic_auth", o.console.user != "", "bearer_token", o.console.token != "", "insecure", o.console.insecure)
+		}
+		stopHTTP, err := serveHTTP(o.httpAddr, h, log)
 		if err != nil {
 			return err
 		}
@@ -161,6 +177,22 @@ join or leave. An entity's events still go out in order.`)
 	}
 	defer db.Close()
 	ready.db.Store(db)
+	if o.console.enabled {
+		err := cons.start(db, o.table, o.processed.table, func() jetstream.JetStream {
+			nc := ready.nc.Load()
+			if nc == nil || nc.IsClosed() {
+				return nil
+			}
+			js, err := jetstream.New(nc)
+			if err != nil {
+				return nil
+			}
+			return js
+		})
+		if err != nil {
+			return err
+		}
+	}
 	nc, err := connectNATS(o.nats, true, log, metrics.NATSReconnects.Inc)
 	if err != nil {
 		return err

@@ -31,7 +31,8 @@ func secretScrubber(args []string) *redact.Scrubber {
 	return redact.NewScrubber(
 		values("database-url", "DATABASE_URL"),
 		values("nats-url", "NATS_URL"),
-		append(values("nats-password"), values("nats-token")...))
+		append(append(values("nats-password"), values("nats-token")...),
+			append(values("console-password"), values("console-token")...)...))
 }
 
 // flagValues returns the values given to flag in args, in the forms the
