@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -51,6 +52,31 @@ type readiness struct {
 	db     atomic.Pointer[sql.DB]
 	nc     atomic.Pointer[nats.Conn]
 	poller atomic.Pointer[poller.Poller]
+
+	// One database ping at a time, its result shared for probeReuse: each
+	// concurrent /readyz used to ping on a connection of its own, and the
+	// pool, which has no limit, opened one per request (300 at once
+	// exhausted PostgreSQL's max_connections for every client).
+	pingMu  sync.Mutex
+	pingAt  time.Time
+	pingErr error
+}
+
+// probeReuse is how long one database ping answers /readyz for.
+const probeReuse = time.Second
+
+// pingDB pings db, or returns the result of a ping made less than
+// probeReuse ago.
+func (rd *readiness) pingDB(ctx context.Context, db *sql.DB) error {
+	rd.pingMu.Lock()
+	defer rd.pingMu.Unlock()
+	if !rd.pingAt.IsZero() && time.Since(rd.pingAt) < probeReuse {
+		return rd.pingErr
+	}
+	ctx, cancel := context.WithTimeout(ctx, probeTimeout)
+	defer cancel()
+	rd.pingErr, rd.pingAt = db.PingContext(ctx), time.Now()
+	return rd.pingErr
 }
 
 // Roles a replica reports on /readyz.
@@ -84,12 +110,8 @@ func (rd *readiness) check(ctx context.Context) readyReport {
 	}
 	if db := rd.db.Load(); db == nil {
 		r.Database = "not connected yet"
-	} else {
-		ctx, cancel := context.WithTimeout(ctx, probeTimeout)
-		defer cancel()
-		if err := db.PingContext(ctx); err != nil {
-			r.Database = "unreachable: " + err.Error()
-		}
+	} else if err := rd.pingDB(ctx, db); err != nil {
+		r.Database = "unreachable: " + err.Error()
 	}
 	switch nc := rd.nc.Load(); {
 	case nc == nil:

@@ -11,6 +11,8 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -156,3 +158,50 @@ func TestRunStartErrors(t *testing.T) {
 }
 
 func isUsage(err error) bool { return errors.As(err, new(usageError)) }
+
+// Many /readyz requests at once (a probe misconfigured to hammer it, a
+// scanner) cost one database connection, not one each: the pool has no
+// limit, and a connection per request exhausted PostgreSQL's
+// max_connections for every client of the database.
+func TestReadyzFloodUsesOneDatabaseConnection(t *testing.T) {
+	t.Parallel()
+	db, err := openDB(t.Context(), testenv.DatabaseURL())
+	require.NoError(t, err)
+	t.Cleanup(func() { db.Close() })
+	var rd readiness
+	rd.db.Store(db)
+	nc, _ := testenv.NATS(t)
+	rd.nc.Store(nc)
+	h := newHTTPHandler(newRegistry(poller.NewMetrics()), &rd, slog.New(slog.DiscardHandler))
+
+	var (
+		wg   sync.WaitGroup
+		peak atomic.Int64
+		done = make(chan struct{})
+	)
+	go func() {
+		for {
+			select {
+			case <-done:
+				return
+			default:
+			}
+			if n := int64(db.Stats().OpenConnections); n > peak.Load() {
+				peak.Store(n)
+			}
+		}
+	}()
+	for range 30 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range 3 {
+				code, body := request(t, h, http.MethodGet, pathReadyz)
+				require.Equal(t, http.StatusOK, code, body)
+			}
+		}()
+	}
+	wg.Wait()
+	close(done)
+	require.LessOrEqual(t, peak.Load(), int64(2), "database connections open during 90 concurrent /readyz")
+}
