@@ -3,14 +3,19 @@
 # (DATABASE_URL and NATS_URL override them).
 GO ?= go
 
-.PHONY: demo test build bench faults vet fmt
+.PHONY: demo test deps build bench faults vet fmt
 
 demo:
 	$(GO) run ./examples/order-service
 
-test:
+test: deps
 	$(GO) vet ./...
 	$(GO) test -race -count=1 -timeout 12m ./...
+
+# System packages the tests need, installed where missing (apt-get):
+# chromium for the console's browser tests.
+deps:
+	./.ci/deps
 
 build:
 	$(GO) build -o bin/publisher ./cmd/publisher
