@@ -94,7 +94,7 @@ func text(t *testing.T, ctx context.Context, sel string) string {
 // count returns how many elements sel selects.
 func count(t *testing.T, ctx context.Context, sel string) int {
 	t.Helper()
-	return value(t, ctx, chromedp.Evaluate[int](`document.querySelectorAll(` + strconv.Quote(sel) + `).length`))
+	return value(t, ctx, chromedp.Evaluate[int](`document.querySelectorAll(`+strconv.Quote(sel)+`).length`))
 }
 
 func basicAuth(user, password string) string {
@@ -150,9 +150,12 @@ func TestConsoleInBrowser(t *testing.T) {
 	require.Contains(t, main, "order/7", "the blocked entity")
 	shoot(t, ctx, screenshots, "overview")
 
-	// Filter the events to FAILED: only the refused one is listed.
+	// Filter the events to the entity's FAILED ones: only the refused one
+	// is listed.
 	do(t, ctx, "filter events", chromedp.Navigate(base+"events"), chromedp.WaitVisible(css(`form.filters`)),
 		chromedp.SetValue(css(`select[name=status]`), "FAILED"),
+		chromedp.SetValue(css(`input[name=entity_type]`), "order"),
+		chromedp.SetValue(css(`input[name=entity_id]`), "7"),
 		chromedp.Submit(css(`form.filters`)),
 		chromedp.WaitVisible(css(`table.events`)))
 	require.Equal(t, 1, count(t, ctx, "table.events tbody tr"), "FAILED events listed")
