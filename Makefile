@@ -1,6 +1,7 @@
 # Two commands do everything: `make demo` runs the saga end to end,
-# `make test` runs every test. Both use the local PostgreSQL and NATS
-# (DATABASE_URL and NATS_URL override them).
+# `make test` runs every test (first `make deps`: system packages the tests
+# need). Both use the local PostgreSQL and NATS (DATABASE_URL and NATS_URL
+# override them).
 GO ?= go
 
 .PHONY: demo test deps build bench faults vet fmt
@@ -13,7 +14,8 @@ test: deps
 	$(GO) test -race -count=1 -timeout 12m ./...
 
 # System packages the tests need, installed where missing (apt-get):
-# chromium for the console's browser tests.
+# chromium for the console's browser tests, pgbouncer for the pooler
+# tests. Instant when present; CI runs it through `make test`.
 deps:
 	./.ci/deps
 

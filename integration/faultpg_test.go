@@ -8,10 +8,8 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"os/user"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -102,25 +100,7 @@ func newPGCluster(t *testing.T) *pgCluster {
 			"install the PostgreSQL server (Debian/Ubuntu: apt-get install postgresql)", strings.Join(pgBinDirs, ", "))
 	}
 	c := &pgCluster{t: t, dir: t.TempDir(), bin: bin}
-	if os.Geteuid() == 0 {
-		u, err := user.Lookup("postgres")
-		if err != nil {
-			t.Fatalf("running as root, initdb and postgres must run as user postgres, which does not exist: %v", err)
-		}
-		if _, err := exec.LookPath("runuser"); err != nil {
-			t.Fatalf("running as root, initdb and postgres must run as user postgres through runuser, not found: %v", err)
-		}
-		uid, _ := strconv.Atoi(u.Uid)
-		gid, _ := strconv.Atoi(u.Gid)
-		// t.TempDir's parent is private to root: let postgres through it.
-		if err := os.Chmod(filepath.Dir(c.dir), 0o711); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.Chown(c.dir, uid, gid); err != nil {
-			t.Fatal(err)
-		}
-		c.user = "postgres"
-	}
+	c.user = runAsPostgres(t, c.dir)
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

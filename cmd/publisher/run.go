@@ -176,6 +176,9 @@ join or leave. An entity's events still go out in order.`)
 		return err // nil when stopped while waiting
 	}
 	defer db.Close()
+	if err := checkSession(ctx, db, o.databaseURL); err != nil {
+		return err
+	}
 	ready.db.Store(db)
 	if o.console.enabled {
 		err := cons.start(db, o.table, o.processed.table, func() jetstream.JetStream {
@@ -335,6 +338,27 @@ func waitForDB(ctx context.Context, dsn string, maxWait time.Duration, log *slog
 		}
 		wait = min(2*wait, maxWait)
 	}
+}
+
+// checkSession refuses a database URL whose connections do not keep their
+// session (poller.CheckSession): a pooler in transaction or statement
+// mode, which would silently break leadership and wake-ups. That is a
+// usage error; a statement that fails otherwise is an error.
+func checkSession(ctx context.Context, db *sql.DB, dsn string) error {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	err := poller.CheckSession(ctx, db)
+	if errors.Is(err, poller.ErrNoSession) {
+		return usagef("run: --database-url %s: %v\n"+
+			"  the publisher holds advisory locks for its leadership and LISTENs for wake-ups, which need a session of its own:\n"+
+			"  point --database-url (or DATABASE_URL) at PostgreSQL directly, or at a pooler in session mode (PgBouncer: pool_mode = session);\n"+
+			"  the services writing events may keep using transaction pooling", redact.DSN(dsn), err)
+	}
+	if err != nil {
+		return fmt.Errorf("run: --database-url %s: %w\n"+
+			"  if this is a pooler in statement mode, point the publisher at PostgreSQL directly or at a pooler in session mode", redact.DSN(dsn), err)
+	}
+	return nil
 }
 
 func createStream(ctx context.Context, js jetstream.JetStream, o runOptions, log *slog.Logger) error {
