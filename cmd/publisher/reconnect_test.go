@@ -26,6 +26,15 @@ import (
 // meanwhile; /readyz and /healthz say so while the connection is gone.
 func TestRunPollerConnectsAgainAfterServerClose(t *testing.T) {
 	t.Parallel()
+	t.Run("single leader", func(t *testing.T) { t.Parallel(); connectsAgain(t, poller.Config{}) })
+	// The new Poller takes the replica id's lock the old one held.
+	t.Run("partitioned", func(t *testing.T) {
+		t.Parallel()
+		connectsAgain(t, poller.Config{Partitions: 4, ReplicaID: "r1"})
+	})
+}
+
+func connectsAgain(t *testing.T, cfg poller.Config) {
 	srv := testenv.StartNATSServer(t, nil)
 	db := testenv.NewDB(t)
 	log := testLog(t)
@@ -60,8 +69,8 @@ func TestRunPollerConnectsAgainAfterServerClose(t *testing.T) {
 	var ready readiness
 	ready.db.Store(db.DB.DB)
 	ready.nc.Store(nc)
-	cfg := poller.Config{DB: db.DB.DB, DSN: db.DSN, NATS: nc, PollInterval: 100 * time.Millisecond,
-		BackoffMax: 500 * time.Millisecond, LeaderTimeout: 2 * time.Second, Logger: log}
+	cfg.DB, cfg.DSN, cfg.NATS, cfg.Logger = db.DB.DB, db.DSN, nc, log
+	cfg.PollInterval, cfg.BackoffMax, cfg.LeaderTimeout = 100*time.Millisecond, 500*time.Millisecond, 2*time.Second
 	p, err := poller.New(cfg)
 	require.NoError(t, err)
 	runCtx, stop := context.WithCancel(context.Background())
@@ -98,12 +107,16 @@ func TestRunPollerConnectsAgainAfterServerClose(t *testing.T) {
 	testenv.Eventually(t, 10*time.Second, func() bool { return db.Count(t, "SUCCESS") == 3 }, "3 events SUCCESS")
 
 	h := newHTTPHandler(newRegistry(poller.NewMetrics()), &ready, log)
-	require.NoError(t, nc.Publish("bh01."+strings.Repeat("a", 5000), nil))
-	testenv.Eventually(t, 10*time.Second, nc.IsClosed, "the server closes the connection")
-	write(3)
-	testenv.Eventually(t, 15*time.Second, func() bool {
-		return db.Count(t, "SUCCESS") == 6 && last() != nc && ready.nc.Load() == last()
-	}, "the events written after the close SUCCESS on a new connection")
+	// Closed again and again: each new connection and Poller takes over.
+	for round := range 3 {
+		cur := last()
+		require.NoError(t, cur.Publish("bh01."+strings.Repeat("a", 5000), nil))
+		testenv.Eventually(t, 10*time.Second, cur.IsClosed, "the server closes the connection")
+		write(3)
+		testenv.Eventually(t, 15*time.Second, func() bool {
+			return db.Count(t, "SUCCESS") == 6+3*round && last() != cur && ready.nc.Load() == last()
+		}, "the events written after the close SUCCESS on a new connection")
+	}
 	code, body := request(t, h, http.MethodGet, pathReadyz)
 	require.Equal(t, http.StatusOK, code, body)
 	code, _ = request(t, h, http.MethodGet, pathHealthz)
@@ -113,7 +126,7 @@ func TestRunPollerConnectsAgainAfterServerClose(t *testing.T) {
 	defer cancel()
 	info, err := stream.Info(ctx)
 	require.NoError(t, err)
-	require.EqualValues(t, 6, info.State.Msgs, "each event once")
+	require.EqualValues(t, 6+3*2, info.State.Msgs, "each event once")
 }
 
 // testLog logs to the test's output.
