@@ -50,7 +50,10 @@ type HandlerConfig struct {
 	// Timeout bounds the processing of one message: it is the deadline of
 	// the context passed to the handler; when it passes, the message is
 	// rolled back and nak'd like any failure. It may exceed the consumer's
-	// AckWait, since the message is kept alive by InProgressInterval.
+	// AckWait, since the message is kept alive by InProgressInterval, but
+	// only until Timeout: a handler that ignores its context and hangs no
+	// longer keeps its message, which JetStream redelivers once AckWait
+	// runs out.
 	// Default: 5m (DefaultTimeout).
 	Timeout time.Duration
 	// Logger receives a record for each message terminated or sent back
@@ -139,7 +142,7 @@ func (h *msgHandler) handle(msg jetstream.Msg) {
 
 	ctx, cancel := context.WithTimeout(traceContext(context.Background(), h.prop, msg.Headers()), h.timeout)
 	defer cancel()
-	stop := h.keepAlive(msg, id)
+	stop := h.keepAlive(ctx, msg, id)
 	_, err := h.p.processLogged(ctx, h.log, h.consumer, id, func(ctx context.Context, tx *sqlx.Tx) error {
 		return h.fn(ctx, tx, msg)
 	})
@@ -180,8 +183,9 @@ func (h *msgHandler) delay(msg jetstream.Msg) time.Duration {
 }
 
 // keepAlive reports msg in progress every h.inProgress until the returned
-// function is called; that function returns once no report is being sent.
-func (h *msgHandler) keepAlive(msg jetstream.Msg, id string) (stop func()) {
+// function is called or ctx (the processing's Timeout) ends; that function
+// returns once no report is being sent.
+func (h *msgHandler) keepAlive(ctx context.Context, msg jetstream.Msg, id string) (stop func()) {
 	if h.inProgress <= 0 {
 		return func() {}
 	}
@@ -193,6 +197,12 @@ func (h *msgHandler) keepAlive(msg jetstream.Msg, id string) (stop func()) {
 		for {
 			select {
 			case <-done:
+				return
+			case <-ctx.Done():
+				// Past Timeout the processing has failed, even if fn has
+				// not returned yet (a call that ignores ctx): let AckWait
+				// run out so JetStream redelivers the message, rather
+				// than keep it here for as long as fn hangs.
 				return
 			case <-t.C:
 				if err := msg.InProgress(); err != nil {

@@ -370,6 +370,27 @@ func TestHandler(t *testing.T) {
 		require.Empty(t, terminated)
 	})
 
+	t.Run("handler hung past Timeout is no longer kept in progress", func(t *testing.T) {
+		t.Parallel()
+		b := setupJSAckWait(t, time.Second)
+		b.publish(t, "e1")
+		release := make(chan struct{})
+		hung := make(chan struct{}, 1)
+		cfg := dedup.HandlerConfig{InProgressInterval: 200 * time.Millisecond, Timeout: 300 * time.Millisecond}
+		b.consume(t, cfg, func(ctx context.Context, tx *sqlx.Tx, msg jetstream.Msg) error {
+			hung <- struct{}{}
+			<-release // a call that ignores ctx
+			return nil
+		})
+		t.Cleanup(func() { close(release) }) // before the consumer stops
+		<-hung
+		// Another instance takes the message once AckWait runs out.
+		b.consume(t, cfg, writeEventEffect)
+		testenv.Eventually(t, 15*time.Second, func() bool {
+			return b.effects(t, consumerName, "e1") == 1
+		}, "the message of a hung handler is redelivered after Timeout and processed")
+	})
+
 	t.Run("panics without consumer name", func(t *testing.T) {
 		t.Parallel()
 		b := setup(t)
