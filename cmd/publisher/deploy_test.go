@@ -14,8 +14,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/stretchr/testify/require"
 	"go.yaml.in/yaml/v3"
+
+	"github.com/pgnats/outbox/internal/poller"
 )
 
 // The files in deploy/ are examples users copy: these tests parse each one
@@ -238,14 +241,61 @@ func TestSystemdUnit(t *testing.T) {
 	require.Equal(t, "/etc/outbox/publisher.env", svc["EnvironmentFile"])
 	known := runEnvVars(t)
 	vars := 0
+	set = map[string]string{}
 	sc = bufio.NewScanner(bytes.NewReader(readFile(t, "deploy/systemd/publisher.env")))
 	for sc.Scan() {
 		if m := envLine.FindStringSubmatch(sc.Text()); m != nil {
 			vars++
 			require.True(t, known[m[1]], "publisher.env: %s is not a variable publisher run reads", m[1])
+			if !strings.HasPrefix(sc.Text(), "#") {
+				set[m[1]] = strings.Trim(m[2], `"`) // systemd drops the quotes around a value
+			}
 		}
 	}
 	require.GreaterOrEqual(t, vars, 2)
+	requireHAConnections(t, "publisher.env", set)
+}
+
+// requireHAConnections checks the connection settings of a deployment
+// example against docs/DEPLOYMENT.md: a database DSN the publisher accepts
+// that follows the primary (several hosts with target_session_attrs, or
+// one name a failover manager moves), every server of a NATS cluster, and
+// a back-off short enough for a database failover.
+func requireHAConnections(t *testing.T, where string, env map[string]string) {
+	t.Helper()
+	dsn := env["DATABASE_URL"]
+	require.NoError(t, checkDSN(dsn), "%s: DATABASE_URL", where)
+	if strings.Contains(dsn, ",") {
+		require.Contains(t, dsn, "target_session_attrs=read-write", "%s: a multi-host DSN must pick the primary", where)
+	}
+	require.NoError(t, checkNATSURLs("run", env["NATS_URL"]), "%s: NATS_URL", where)
+	require.GreaterOrEqual(t, len(strings.Split(env["NATS_URL"], ",")), 3, "%s: every server of a 3-node JetStream cluster", where)
+	backoff, err := time.ParseDuration(env["OUTBOX_BACKOFF_MAX"])
+	require.NoError(t, err, "%s: OUTBOX_BACKOFF_MAX", where)
+	require.LessOrEqual(t, backoff, 5*time.Second, "%s: a failover must not wait out the default 30s back-off", where)
+}
+
+// TestNATSStream checks the example stream against docs/DEPLOYMENT.md:
+// replicated, on disk, a duplicate window longer than the publisher's
+// retry horizon with a minute to spare for a database failover, and a
+// full stream that refuses rather than drops unread messages.
+func TestNATSStream(t *testing.T) {
+	t.Parallel()
+	var cfg jetstream.StreamConfig
+	dec := json.NewDecoder(bytes.NewReader(readFile(t, "deploy/nats/outbox-stream.json")))
+	dec.DisallowUnknownFields()
+	require.NoError(t, dec.Decode(&cfg))
+	require.NotEmpty(t, cfg.Name)
+	require.NotEmpty(t, cfg.Subjects)
+	require.Equal(t, 3, cfg.Replicas, "replicas")
+	require.Equal(t, jetstream.FileStorage, cfg.Storage)
+	require.Equal(t, jetstream.LimitsPolicy, cfg.Retention)
+	horizon := poller.Config{}.RetryHorizon()
+	require.GreaterOrEqual(t, cfg.Duplicates, horizon+time.Minute, "duplicate window over the default retry horizon (%s) plus a failover", horizon)
+	require.Positive(t, cfg.MaxAge, "max_age bounds what --processed-retention must keep")
+	if cfg.MaxBytes > 0 || cfg.MaxMsgs > 0 {
+		require.Equal(t, jetstream.DiscardNew, cfg.Discard, "a full stream refuses new messages; the publisher waits")
+	}
 }
 
 func TestKubernetesDeployment(t *testing.T) {
@@ -284,14 +334,22 @@ func TestKubernetesDeployment(t *testing.T) {
 		} `yaml:"metadata"`
 		StringData map[string]string `yaml:"stringData"`
 		Spec       struct {
-			Replicas int `yaml:"replicas"`
+			Replicas     int `yaml:"replicas"`
+			MinAvailable int `yaml:"minAvailable"`
+			Selector     struct {
+				MatchLabels map[string]string `yaml:"matchLabels"`
+			} `yaml:"selector"`
 			Template struct {
 				Metadata struct {
+					Labels      map[string]string `yaml:"labels"`
 					Annotations map[string]string `yaml:"annotations"`
 				} `yaml:"metadata"`
 				Spec struct {
-					TerminationGracePeriodSeconds int         `yaml:"terminationGracePeriodSeconds"`
-					Containers                    []container `yaml:"containers"`
+					TerminationGracePeriodSeconds int `yaml:"terminationGracePeriodSeconds"`
+					TopologySpreadConstraints     []struct {
+						TopologyKey string `yaml:"topologyKey"`
+					} `yaml:"topologySpreadConstraints"`
+					Containers []container `yaml:"containers"`
 				} `yaml:"spec"`
 			} `yaml:"template"`
 		} `yaml:"spec"`
@@ -343,7 +401,27 @@ func TestKubernetesDeployment(t *testing.T) {
 	require.True(t, ok, "the Secret the Deployment reads")
 	require.Len(t, c.EnvFrom, 1)
 	require.Equal(t, secret.Metadata.Name, c.EnvFrom[0].SecretRef.Name)
-	for k := range secret.StringData {
+	env := map[string]string{}
+	for k, v := range secret.StringData {
 		require.True(t, known[k], "secret key %s is not a variable publisher run reads", k)
+		env[k] = v
+	}
+	for _, e := range c.Env {
+		env[e.Name] = e.Value
+	}
+	requireHAConnections(t, "publisher.yaml", env)
+
+	// Leader and standby apart, and one kept through voluntary disruptions.
+	var keys []string
+	for _, c := range pod.Spec.TopologySpreadConstraints {
+		keys = append(keys, c.TopologyKey)
+	}
+	require.Contains(t, keys, "topology.kubernetes.io/zone", "replicas spread over zones")
+	pdb, ok := objects["PodDisruptionBudget"]
+	require.True(t, ok, "a PodDisruptionBudget")
+	require.Equal(t, 1, pdb.Spec.MinAvailable)
+	require.NotEmpty(t, pdb.Spec.Selector.MatchLabels)
+	for k, v := range pdb.Spec.Selector.MatchLabels {
+		require.Equal(t, v, pod.Metadata.Labels[k], "the budget selects the Deployment's pods")
 	}
 }
