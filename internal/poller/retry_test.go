@@ -108,29 +108,3 @@ func TestUnknownJetStreamErrorIsAnOutage(t *testing.T) {
 		"every event SUCCESS once JetStream acks again")
 	requireOnceInOrder(t, b.received(t), len(events))
 }
-
-// When the ack deadline and every ack are ready together, the batch is
-// acked, not an outage. The claim of the next batch, which runs between
-// the send and the wait for acks, is made slower than AckTimeout here by a
-// long backlog of events blocked behind a FAILED one, which every claim
-// reads past.
-func TestAckedBatchIsNotAnOutageWhenTheDeadlineIsAlsoReady(t *testing.T) {
-	t.Parallel()
-	b := setup(t)
-	_, err := b.db.Exec(`INSERT INTO events (event_id, event_target, event_type, entity_type, entity_id, event_data, event_status)
-		SELECT gen_random_uuid(), 'nowhere.stuck', 'Changed', 'order', 'stuck', '{}',
-		       CASE WHEN i = 0 THEN 'FAILED' ELSE 'READY' END
-		FROM generate_series(0, 300000) i`)
-	require.NoError(t, err)
-	_, err = b.db.Exec(`ANALYZE events`)
-	require.NoError(t, err)
-	cfg := fastConfig()
-	cfg.AckTimeout = 50 * time.Millisecond
-	p := b.start(t, cfg)
-
-	events := changes(b.prefix+".order.changed", 10, 3)
-	b.write(t, events...)
-	testenv.Eventually(t, 30*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == len(events) },
-		"every event SUCCESS")
-	require.Zero(t, p.Stats().Backoffs, "an acked batch was taken for an outage")
-}
