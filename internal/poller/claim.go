@@ -24,6 +24,7 @@ type row struct {
 	headers    []byte
 	attempts   int
 	createdAt  time.Time
+	held       bool // claimed but not to be sent: see newQueries, step 4
 }
 
 func (r *row) entity() string { return r.entityType + "\x00" + r.entityID }
@@ -55,22 +56,37 @@ type queries struct {
 //     are sent again, which Nats-Msg-Id and pkg/dedup absorb;
 //  3. select READY rows that are due, in seq order, up to a number of rows
 //     and of bytes (always at least one row), skipping rows locked by
-//     anyone else and rows whose entity has an earlier event that is FAILED
-//     or waiting for a retry (attempts > 0, available_at in the future);
-//     the fence makes the select empty when this process lost leadership,
-//     and in partitioned mode limits it to the partitions it leases.
+//     anyone else, rows whose entity has an earlier event that is FAILED
+//     or waiting for a retry (attempts > 0, available_at in the future),
+//     and rows of the entities held back by recent claims (see 4); the
+//     fence makes the select empty when this process lost leadership, and
+//     in partitioned mode limits it to the partitions it leases;
+//  4. mark held, among the rows selected, every row that has an earlier
+//     READY event of its entity which is neither selected by this claim
+//     nor sent by this publisher in the batch still in flight (the
+//     inflight seqs): a row locked by another session (an operator's
+//     SELECT … FOR UPDATE, a long UPDATE, a migration) that SKIP LOCKED
+//     passed over, a row of the batch in flight that was not sent, a row
+//     not yet due. A held row is not sent; it stays locked, unsent and
+//     unmarked, until this batch's transaction ends, and its entity is left
+//     out of the next claims for a while (HeldFor) so that its rows do not
+//     fill batch after batch. This is the rule of order: an event is sent
+//     only when every earlier event of its entity is SUCCESS or was sent
+//     ahead of it by this publisher, in seq order.
 //
-// Mark, in the same transaction: acked rows become SUCCESS in one statement;
-// each refused row gets attempts+1, last_error and a retry time in SQL time,
-// or FAILED. The retry time counts from the mark's statement_timestamp(),
-// just after the refusal arrived, not from now(), the claim transaction's
-// start, which a batch waiting for its acks leaves far behind; the
-// exponent stops at 52, far past any RetryMax, so that no MaxAttempts
-// overflows power(). Both carry the fence; a mark that matches fewer rows than it
-// names means leadership (or a lease) was lost, and the transaction is
-// rolled back.
+// In SQL, with c the rows selected in step 3 and F the inflight seqs:
 //
-// The fence's parameters come last in every statement: see fenceArgs.
+//	held(e) = EXISTS (SELECT 1 FROM events b
+//	                  WHERE b.entity = e.entity AND b.seq < e.seq
+//	                    AND b.event_status = 'READY'
+//	                    AND b.seq NOT IN (SELECT seq FROM c)
+//	                    AND b.seq <> ALL(F))
+//
+// computed for all of c at once: the READY rows below c's last seq that
+// are neither in c nor in F, grouped by entity, each entity's smallest seq
+// (its rows in c after that seq are held). That reads the READY rows below
+// the batch, which the select of step 3 has just read too: the rows
+// skipped, blocked or held, and the batch in flight.
 func newQueries(table, leases string, partitions int) queries {
 	// due selects rows e that may be published now.
 	due := `e.event_status = 'READY' AND e.available_at <= now()
@@ -102,6 +118,10 @@ func newQueries(table, leases string, partitions int) queries {
 		}
 		return fenceSQL(n, n+1, n+2) + ` AND ` + ours(n, live)
 	}
+	// notHeld leaves out the entities held back by recent claims ($5, $6:
+	// their types and ids).
+	notHeld := `NOT EXISTS (SELECT 1 FROM unnest($5::text[], $6::text[]) x(t, i)
+				WHERE x.t = e.entity_type AND x.i = e.entity_id)`
 	q := queries{
 		begin: `SELECT pg_advisory_xact_lock_shared($1, $2::bigint::oid::int),
 			set_config('synchronous_commit', 'off', true),
@@ -113,23 +133,37 @@ func newQueries(table, leases string, partitions int) queries {
 		// are then locked as before, up to that seq. Rows locked by the
 		// batch in flight are among those the budget counts (they are due
 		// and first in seq order) and are then skipped.
-		claim: `SELECT e.event_id, e.seq, e.event_target, e.event_type, e.entity_type, e.entity_id,
+		claim: `WITH c AS MATERIALIZED (
+			SELECT e.event_id, e.seq, e.event_target, e.event_type, e.entity_type, e.entity_id,
 				e.event_data, e.headers, e.attempts, e.created_at
 			FROM ` + table + ` e
 			WHERE ` + due + `
-			  AND ` + fence(4, true) + `
+			  AND ` + notHeld + `
+			  AND ` + fence(7, true) + `
 			  AND e.seq <= (SELECT max(s.seq) FROM (
 				SELECT e.seq, ` + rowBytesSQL("e") + ` AS size,
 					sum(` + rowBytesSQL("e") + `) OVER (ORDER BY e.seq ROWS UNBOUNDED PRECEDING) AS running
 				FROM ` + table + ` e
 				WHERE ` + due + `
-				  AND ` + ours(4, true) + `
+				  AND ` + notHeld + `
+				  AND ` + ours(7, true) + `
 				ORDER BY e.seq
 				LIMIT $2) s
 				WHERE s.running <= $3 OR s.running = s.size)
 			ORDER BY e.seq
 			LIMIT $1
-			FOR UPDATE OF e SKIP LOCKED`,
+			FOR UPDATE OF e SKIP LOCKED),
+		h AS MATERIALIZED (SELECT o.entity_type, o.entity_id, min(o.seq) AS first
+			FROM ` + table + ` o
+			WHERE o.event_status = 'READY' AND o.seq < (SELECT max(c.seq) FROM c)
+			  AND o.seq <> ALL(coalesce($4::bigint[], '{}'))
+			  AND NOT EXISTS (SELECT 1 FROM c WHERE c.seq = o.seq)
+			  AND EXISTS (SELECT 1 FROM c WHERE c.entity_type = o.entity_type AND c.entity_id = o.entity_id)
+			GROUP BY o.entity_type, o.entity_id)
+		SELECT c.event_id, c.seq, c.event_target, c.event_type, c.entity_type, c.entity_id,
+			c.event_data, c.headers, c.attempts, c.created_at, coalesce(c.seq > h.first, false) AS held
+		FROM c LEFT JOIN h ON h.entity_type = c.entity_type AND h.entity_id = c.entity_id
+		ORDER BY c.seq`,
 		markDone: `UPDATE ` + table + ` e
 			SET event_status = 'SUCCESS', published_at = now()
 			WHERE event_id = ANY($1::uuid[]) AND event_status = 'READY' AND ` + fence(2, false),
@@ -191,6 +225,7 @@ func (p *Poller) fenceArgs() []any {
 type claimBudget struct {
 	rows, ahead       int
 	bytes, aheadBytes int64
+	inflight          []int64 // seqs of the rows the batch in flight sent
 }
 
 // claim opens the claim transaction and reads the rows b allows. The caller
@@ -262,7 +297,9 @@ func (p *Poller) claim(ctx context.Context, b claimBudget, probe bool) (*sql.Tx,
 		tx.Rollback() //nolint:errcheck
 		return nil, nil, fmt.Errorf("claim batch: %w", err)
 	}
-	args := append([]any{b.rows, b.rows + b.ahead, b.bytes + b.aheadBytes}, p.fenceArgs()...)
+	heldTypes, heldIDs := p.heldBack()
+	args := append([]any{b.rows, b.rows + b.ahead, b.bytes + b.aheadBytes, pq.Array(b.inflight),
+		pq.Array(heldTypes), pq.Array(heldIDs)}, p.fenceArgs()...)
 	rows, err := claim.QueryContext(ctx, args...)
 	if err != nil {
 		tx.Rollback() //nolint:errcheck
@@ -276,7 +313,52 @@ func (p *Poller) claim(ctx context.Context, b claimBudget, probe bool) (*sql.Tx,
 		tx.Rollback() //nolint:errcheck
 		return nil, nil, fmt.Errorf("claim batch: %w", err)
 	}
-	return tx, out, nil
+	return tx, p.holdBack(out), nil
+}
+
+// HeldFor is how long the entity of a held row (see newQueries, step 4) is
+// left out of the claims that follow: long enough that its rows do not
+// fill every batch while an earlier event stays locked, short enough that
+// it goes on soon after the lock is gone.
+const HeldFor = time.Second
+
+// holdBack returns rows without the held ones, and notes the held rows'
+// entities, which the next claims leave out until HeldFor has passed. Held
+// rows stay locked by the claim transaction, unsent, until it ends.
+func (p *Poller) holdBack(rows []row) []row {
+	out := rows[:0]
+	for _, r := range rows {
+		if !r.held {
+			out = append(out, r)
+			continue
+		}
+		if _, ok := p.held[r.entity()]; !ok {
+			p.log.Info("event held back: an earlier event of its entity is neither published nor claimable (locked by another session, or not due)",
+				"event_id", r.id, "seq", r.seq, "entity_type", r.entityType, "entity_id", r.entityID)
+		}
+		p.held[r.entity()] = heldEntity{typ: r.entityType, id: r.entityID, until: time.Now().Add(HeldFor)}
+	}
+	return out
+}
+
+// heldEntity is an entity the claims leave out until a time.
+type heldEntity struct {
+	typ, id string
+	until   time.Time
+}
+
+// heldBack returns the types and ids of the entities still held back, and
+// forgets the others.
+func (p *Poller) heldBack() (types, ids []string) {
+	now := time.Now()
+	for k, h := range p.held {
+		if now.After(h.until) {
+			delete(p.held, k)
+			continue
+		}
+		types, ids = append(types, h.typ), append(ids, h.id)
+	}
+	return types, ids
 }
 
 // stillLeads checks, in the claim transaction, that this process still
@@ -299,10 +381,18 @@ func (p *Poller) stillLeads(ctx context.Context, tx *sql.Tx) error {
 func scanRows(rows *sql.Rows) ([]row, error) {
 	defer rows.Close()
 	var out []row
+	cols, err := rows.Columns()
+	if err != nil {
+		return nil, err
+	}
 	for rows.Next() {
 		var r row
-		if err := rows.Scan(&r.id, &r.seq, &r.subject, &r.eventType, &r.entityType, &r.entityID,
-			&r.data, &r.headers, &r.attempts, &r.createdAt); err != nil {
+		dest := []any{&r.id, &r.seq, &r.subject, &r.eventType, &r.entityType, &r.entityID,
+			&r.data, &r.headers, &r.attempts, &r.createdAt}
+		if len(cols) > len(dest) {
+			dest = append(dest, &r.held) // the claim's
+		}
+		if err := rows.Scan(dest...); err != nil {
 			return nil, err
 		}
 		out = append(out, r)

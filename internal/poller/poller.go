@@ -218,10 +218,11 @@ type Poller struct {
 	// held for longer than dupWait, Run returns it.
 	dupSince time.Time
 	dupErr   error
-	stmts    map[string]*sql.Stmt // prepared statements, by query
-	inflight *batch               // sent, not yet finished; see step
-	busy     bool                 // the last claim found rows
-	suspect  bool                 // a batch hit an outage: ask the broker before claiming
+	stmts    map[string]*sql.Stmt  // prepared statements, by query
+	inflight *batch                // sent, not yet finished; see step
+	held     map[string]heldEntity // entities the claims leave out for now; see holdBack
+	busy     bool                  // the last claim found rows
+	suspect  bool                  // a batch hit an outage: ask the broker before claiming
 
 	published, refused, failed, batches, backoffs, heldCount atomic.Int64
 	violations                                               atomic.Int64
@@ -253,6 +254,7 @@ func New(cfg Config) (*Poller, error) {
 		lead:    leader{dsn: cfg.DSN, heartbeat: cfg.LeaderTimeout / 5, timeout: cfg.LeaderTimeout},
 		streams: newStreamCache(js),
 		stmts:   map[string]*sql.Stmt{},
+		held:    map[string]heldEntity{},
 		log:     cfg.Logger,
 	}
 	p.lead.waitMax = 2 * p.idleInTx()

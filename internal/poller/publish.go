@@ -168,6 +168,9 @@ func (p *Poller) start(ctx context.Context, skip map[string]bool, ahead *batch) 
 	budget := claimBudget{rows: p.cfg.BatchSize, bytes: int64(p.cfg.BatchBytes)}
 	if ahead != nil {
 		budget.ahead, budget.aheadBytes = len(ahead.rows), ahead.bytes()
+		for _, s := range ahead.sent {
+			budget.inflight = append(budget.inflight, s.r.seq)
+		}
 	}
 	tx, rows, err := p.claim(ctx, budget, !p.busy)
 	p.busy = len(rows) > 0
