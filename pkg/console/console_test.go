@@ -118,6 +118,8 @@ func TestPagesRender(t *testing.T) {
 		{"events?type=InvoicePdf", 200, []string{f.ids[4]}},
 		{"events?subject=shop.order.s", 200, []string{f.ids[2]}},
 		{"events?since=2000-01-01T00:00&until=2999-01-01T00:00", 200, []string{f.ids[0]}},
+		{"events?since=2999-01-01T00:00", 200, []string{"No events match"}},
+		{"events?until=2000-01-01T00:00", 200, []string{"No events match"}},
 		{"events?status=DONE", 400, []string{"use READY, SUCCESS or FAILED"}},
 		{"events?since=yesterday", 400, []string{"is not a time"}},
 		{"events?before=x", 400, []string{"not a seq"}},

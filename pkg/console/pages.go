@@ -1,6 +1,7 @@
 package console
 
 import (
+	"context"
 	"database/sql"
 	"encoding/hex"
 	"encoding/json"
@@ -83,6 +84,9 @@ type filter struct {
 	Since, Until                                       string // as typed
 	since, until                                       time.Time
 	Before                                             int64 // keyset: seq below this
+	// seqFrom and seqTo narrow a time range to a range of seq, so the
+	// list reads the seq index only there (0: open).
+	seqFrom, seqTo int64
 }
 
 // timeLayouts are the time forms filters take: a browser's datetime-local
@@ -176,6 +180,12 @@ func (f filter) where() (string, []any) {
 	if f.Before > 0 {
 		add("seq < ?", f.Before)
 	}
+	if f.seqFrom > 0 {
+		add("seq >= ?", f.seqFrom)
+	}
+	if f.seqTo > 0 {
+		add("seq < ?", f.seqTo)
+	}
 	return strings.Join(conds, " AND "), args
 }
 
@@ -183,28 +193,94 @@ func escapeLike(s string) string {
 	return strings.NewReplacer(`\`, `\\`, `%`, `\%`, `_`, `\_`).Replace(s)
 }
 
-// list reads a page of the events f selects, newest first, and the seq to
-// continue from (0 at the end).
-func (h *Handler) list(r *http.Request, f filter) ([]eventRow, int64, error) {
+// scanWindow is how many seqs one page of a list reads at most when its
+// filter has no index to use (event type, subject or error text over
+// SUCCESS events): a filter that matches few events then costs a bounded
+// scan per page, and the page offers to search older events.
+const scanWindow = 100_000
+
+// listing is a page of events.
+type listing struct {
+	Events []eventRow
+	// Next is the seq the next (older) page starts below; 0 at the end.
+	Next int64
+	// SearchedFrom is the lowest seq this page searched, when a scan
+	// window bounded it and older events may still match; else 0.
+	SearchedFrom int64
+}
+
+// list reads a page of the events f selects, newest first.
+func (h *Handler) list(r *http.Request, f filter) (listing, error) {
+	var l listing
 	ctx, cancel := h.ctx(r)
 	defer cancel()
+	if err := h.narrow(ctx, &f); err != nil {
+		return l, err
+	}
+	windowed := (f.Type != "" || f.Subject != "" || f.Error != "") && f.EntityType == "" &&
+		(f.Status == "" || f.Status == "SUCCESS")
+	var floor int64
+	if windowed {
+		top := f.Before
+		if top == 0 {
+			if err := h.cfg.DB.QueryRowContext(ctx, `SELECT coalesce(max(seq), 0) + 1 FROM `+h.table.Quoted()).Scan(&top); err != nil {
+				return l, err
+			}
+		}
+		if f.seqTo > 0 {
+			top = min(top, f.seqTo)
+		}
+		floor = max(top-scanWindow, f.seqFrom, 1)
+		f.seqFrom = floor
+	}
 	where, args := f.where()
 	args = append(args, h.cfg.PageSize+1)
 	rows, err := h.cfg.DB.QueryContext(ctx, `SELECT `+eventCols+` FROM `+h.table.Quoted()+`
 		WHERE `+where+` ORDER BY seq DESC LIMIT $`+strconv.Itoa(len(args)), args...)
 	if err != nil {
-		return nil, 0, err
+		return l, err
 	}
-	evs, err := scanEvents(rows)
-	if err != nil {
-		return nil, 0, err
+	if l.Events, err = scanEvents(rows); err != nil {
+		return l, err
 	}
-	var next int64
-	if len(evs) > h.cfg.PageSize {
-		evs = evs[:h.cfg.PageSize]
-		next = evs[len(evs)-1].Seq
+	switch {
+	case len(l.Events) > h.cfg.PageSize:
+		l.Events = l.Events[:h.cfg.PageSize]
+		l.Next = l.Events[len(l.Events)-1].Seq
+	case windowed && floor > 1:
+		var older bool
+		if err := h.cfg.DB.QueryRowContext(ctx, `SELECT EXISTS (SELECT 1 FROM `+h.table.Quoted()+` WHERE seq < $1)`, floor).Scan(&older); err != nil {
+			return l, err
+		}
+		if older {
+			l.Next, l.SearchedFrom = floor, floor
+		}
 	}
-	return evs, next, nil
+	return l, nil
+}
+
+// timeMargin is how far outside a time filter the seq range it is
+// narrowed to reaches: an event written by a transaction that began more
+// than this before the events around it in seq order may be left out of
+// a time-filtered list.
+const timeMargin = time.Hour
+
+// narrow bounds f's seq by its time range, so that a range matching few
+// events does not read the whole seq index: seq and created_at rise
+// together (within timeMargin).
+func (h *Handler) narrow(ctx context.Context, f *filter) error {
+	var err error
+	if !f.since.IsZero() {
+		if f.seqFrom, err = h.seqAt(ctx, f.since.Add(-timeMargin)); err != nil {
+			return err
+		}
+	}
+	if !f.until.IsZero() {
+		if f.seqTo, err = h.seqAt(ctx, f.until.Add(timeMargin)); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func (h *Handler) events(w http.ResponseWriter, r *http.Request) {
@@ -223,17 +299,16 @@ func (h *Handler) events(w http.ResponseWriter, r *http.Request) {
 		h.fail(w, r, http.StatusBadRequest, "Bad filter: "+err.Error())
 		return
 	}
-	evs, next, err := h.list(r, f)
+	l, err := h.list(r, f)
 	if err != nil {
 		h.failErr(w, r, err)
 		return
 	}
 	h.render(w, r, http.StatusOK, "events", page{Title: "Events", Nav: "events", Data: struct {
-		F      filter
-		Query  url.Values
-		Events []eventRow
-		Next   int64
-	}{f, f.values(), evs, next}})
+		F     filter
+		Query url.Values
+		listing
+	}{f, f.values(), l}})
 }
 
 // eventDetail is one event with everything the event page shows.
@@ -410,7 +485,7 @@ func (h *Handler) failed(w http.ResponseWriter, r *http.Request) {
 		h.failErr(w, r, err)
 		return
 	}
-	evs, next, err := h.list(r, f)
+	l, err := h.list(r, f)
 	if err != nil {
 		h.failErr(w, r, err)
 		return
@@ -423,9 +498,8 @@ func (h *Handler) failed(w http.ResponseWriter, r *http.Request) {
 		F        filter
 		Query    url.Values
 		Filtered bool
-		Events   []eventRow
-		Next     int64
-	}{st, groups, f, v, len(v) > 0, evs, next}})
+		listing
+	}{st, groups, f, v, len(v) > 0, l}})
 }
 
 // requeueFilter reads the events a requeue form chooses: ids (a
