@@ -2,6 +2,7 @@ package poller_test
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
@@ -50,4 +51,41 @@ func TestBlockedMeansWhatTheClaimSkips(t *testing.T) {
 	}, "both events of the entity behind a due retry published")
 	require.Equal(t, 2, b.db.Int(t, `SELECT count(*) FROM events WHERE seq IN (4, 6) AND event_status = 'READY'`),
 		"events behind a waiting retry and a FAILED event still wait")
+}
+
+// TestStatusEstimatesSuccessFromThePlanner checks the counts of
+// ReadStatusWith with EstimateSuccess: READY and FAILED exact, SUCCESS
+// from pg_class once the table was analyzed, and an exact count before.
+func TestStatusEstimatesSuccessFromThePlanner(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	ids := make([]string, 20)
+	for i := range ids {
+		ids[i] = fmt.Sprint(i)
+	}
+	b.write(t, ofEntities(b.prefix+".order", ids...)...)
+	b.db.MustExec(`UPDATE events SET event_status = 'SUCCESS' WHERE seq <= 15`)
+	b.db.MustExec(`UPDATE events SET event_status = 'FAILED' WHERE seq IN (16, 17)`)
+	want := map[string]int{"READY": 3, "FAILED": 2, "SUCCESS": 15}
+	opts := poller.StatusOptions{EstimateSuccess: true}
+
+	st, err := poller.ReadStatusWith(t.Context(), b.db.DB.DB, "events", opts)
+	require.NoError(t, err)
+	require.False(t, st.SuccessEstimated, "a table never analyzed is counted")
+	require.Equal(t, want, st.Counts)
+
+	b.db.MustExec(`ANALYZE events`)
+	b.db.MustExec(`INSERT INTO events (event_id, event_target, event_type, entity_type, entity_id, event_data)
+		VALUES (gen_random_uuid(), 'x.y', 'T', 'order', 'late', '{}')`)
+	st, err = poller.ReadStatusWith(t.Context(), b.db.DB.DB, "events", opts)
+	require.NoError(t, err)
+	require.True(t, st.SuccessEstimated)
+	require.Equal(t, 4, st.Counts["READY"], "READY is counted, not estimated")
+	require.Equal(t, 2, st.Counts["FAILED"])
+	require.Equal(t, 14, st.Counts["SUCCESS"], "the estimate: 20 rows as of ANALYZE less 4 READY and 2 FAILED")
+
+	exact, err := poller.ReadStatus(t.Context(), b.db.DB.DB, "events", 10)
+	require.NoError(t, err)
+	require.False(t, exact.SuccessEstimated)
+	require.Equal(t, 15, exact.Counts["SUCCESS"])
 }
