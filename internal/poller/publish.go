@@ -325,9 +325,14 @@ func (p *Poller) collect(ctx context.Context, b *batch) (acked []string) {
 				ok = true
 			case err = <-s.paf.Err():
 			default:
+				// Not stored as far as this publisher knows. The later
+				// messages are still looked at: an ack that arrived for
+				// one of them must not be dropped because an earlier
+				// message (of a stream that does not answer, say) got
+				// none.
 				b.outage = firstErr(b.outage, fmt.Errorf("no PubAck within %s: %w", p.cfg.AckTimeout, context.DeadlineExceeded))
-				b.notStored(s.r) // as far as this publisher knows
-				return acked
+				b.notStored(s.r)
+				continue
 			}
 		}
 		if ok {
