@@ -20,14 +20,22 @@ const HeaderContentType = "Content-Type"
 
 // withContentType returns ev with its content type settled: ContentType,
 // or else a Content-Type header (any case) the caller set; and that header
-// set to it. It refuses the two when they disagree. ev.Headers itself is
-// never modified.
+// set to it. It refuses the two when they disagree, and two Content-Type
+// headers differing only in case (which one counted would depend on map
+// order, and consumers would receive both). ev.Headers itself is never
+// modified.
 func withContentType(i int, ev Event) (Event, error) {
 	key, fromHeader := "", ""
 	for k, v := range ev.Headers {
-		if strings.EqualFold(k, HeaderContentType) {
-			key, fromHeader = k, v
+		if !strings.EqualFold(k, HeaderContentType) {
+			continue
 		}
+		if key != "" {
+			a, b := min(key, k), max(key, k)
+			return ev, &ValidationError{Index: i, Field: "Headers",
+				Reason: fmt.Sprintf("two content type headers, %q and %q: keep one", a, b)}
+		}
+		key, fromHeader = k, v
 	}
 	switch {
 	case ev.ContentType == "":

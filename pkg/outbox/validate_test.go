@@ -89,6 +89,13 @@ func TestWriteRejectsInvalidEvent(t *testing.T) {
 		{name: "Data non-JSON content type nil", event: with(func(e *outbox.Event) {
 			e.ContentType, e.Data = "application/protobuf", nil
 		}), field: "Data"},
+		{name: "Content-Type header twice in different case", event: with(func(e *outbox.Event) {
+			e.Headers, e.Data = map[string]string{"Content-Type": "application/json", "content-type": "application/octet-stream"}, []byte{0xff}
+		}), field: "Headers"},
+		{name: "Content-Type header twice, one agreeing with ContentType", event: with(func(e *outbox.Event) {
+			e.ContentType, e.Headers, e.Data = "application/protobuf",
+				map[string]string{"Content-Type": "application/protobuf", "CONTENT-TYPE": "application/avro"}, []byte{1}
+		}), field: "Headers"},
 		{name: "ContentType disagrees with its header", event: with(func(e *outbox.Event) {
 			e.ContentType, e.Headers, e.Data = "application/protobuf", map[string]string{"content-type": "application/avro"}, []byte{1}
 		}), field: "ContentType"},

@@ -75,7 +75,8 @@ type Event struct {
 	// "application/protobuf" or "application/avro". Empty means JSON, and
 	// no header is added; otherwise the event carries it in a
 	// "Content-Type" header (HeaderContentType). A Content-Type entry in
-	// Headers counts the same; the two must not disagree.
+	// Headers counts the same (in any case, but only one); the two must not
+	// disagree.
 	ContentType string
 	// Headers are extra NATS headers. Names are printable ASCII without
 	// spaces or any of "()/,:;<=>?@[\]{} (the NATS client refuses them);
