@@ -230,7 +230,11 @@ func shoot(t *testing.T, ctx context.Context, dir, name string) {
 	if dir == "" {
 		return
 	}
-	png := value(t, ctx, chromedp.FullScreenshot(100))
+	shot := chromedp.FullScreenshot(100)
+	if name == "events" {
+		shot = chromedp.CaptureScreenshot() // the window, not 50 rows
+	}
+	png := value(t, ctx, shot)
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "console-"+name+".png"), png, 0o644))
 }
 

@@ -364,3 +364,18 @@ func TestMissingTable(t *testing.T) {
 	require.Equal(t, http.StatusInternalServerError, rec.Code)
 	require.Contains(t, rec.Body.String(), "does not exist")
 }
+
+func TestTraceLinkAndReplicas(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, console.Config{TraceURL: "https://traces.example/trace/{trace_id}"})
+	f.db.MustExec(`UPDATE events SET headers = '{"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}' WHERE seq = 1`)
+	_, body := f.get(t, "events/"+f.ids[0])
+	require.Contains(t, body, `href="https://traces.example/trace/4bf92f3577b34da6a3ce929d0e0e4736"`)
+
+	f.db.MustExec(`INSERT INTO events_replicas (replica_id, partitions) VALUES ('replica-a', 4)`)
+	f.db.MustExec(`INSERT INTO events_leases (part, partitions, owner, expires_at) VALUES
+		(0, 4, 'replica-a', now() + interval '1 minute'), (2, 4, 'replica-a', now() + interval '1 minute')`)
+	_, body = f.get(t, "")
+	require.Contains(t, body, "replica-a")
+	require.Contains(t, body, "2: 0, 2")
+}

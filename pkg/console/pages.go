@@ -64,16 +64,26 @@ type eventRow struct {
 const eventCols = `event_id, seq, event_target, event_type, entity_type, entity_id, event_status, attempts,
 	coalesce(last_error, ''), created_at, published_at`
 
-func scanEvents(rows *sql.Rows) ([]eventRow, error) {
+func scanEvent(rows *sql.Rows) (eventRow, error) {
+	var e eventRow
+	err := rows.Scan(&e.ID, &e.Seq, &e.Subject, &e.Type, &e.EntityType, &e.EntityID, &e.Status,
+		&e.Attempts, &e.LastError, &e.CreatedAt, &e.PublishedAt)
+	return e, err
+}
+
+// collect reads every row of a query with scan, and closes the rows.
+func collect[T any](rows *sql.Rows, err error, scan func(*sql.Rows) (T, error)) ([]T, error) {
+	if err != nil {
+		return nil, err
+	}
 	defer rows.Close()
-	var out []eventRow
+	var out []T
 	for rows.Next() {
-		var e eventRow
-		if err := rows.Scan(&e.ID, &e.Seq, &e.Subject, &e.Type, &e.EntityType, &e.EntityID, &e.Status,
-			&e.Attempts, &e.LastError, &e.CreatedAt, &e.PublishedAt); err != nil {
+		v, err := scan(rows)
+		if err != nil {
 			return nil, err
 		}
-		out = append(out, e)
+		out = append(out, v)
 	}
 	return out, rows.Err()
 }
@@ -237,10 +247,7 @@ func (h *Handler) list(r *http.Request, f filter) (listing, error) {
 	args = append(args, h.cfg.PageSize+1)
 	rows, err := h.cfg.DB.QueryContext(ctx, `SELECT `+eventCols+` FROM `+h.table.Quoted()+`
 		WHERE `+where+` ORDER BY seq DESC LIMIT $`+strconv.Itoa(len(args)), args...)
-	if err != nil {
-		return l, err
-	}
-	if l.Events, err = scanEvents(rows); err != nil {
+	if l.Events, err = collect(rows, err, scanEvent); err != nil {
 		return l, err
 	}
 	switch {
@@ -340,27 +347,16 @@ func (h *Handler) event(w http.ResponseWriter, r *http.Request) {
 		data    []byte
 		headers []byte
 	)
-	rows, err := h.cfg.DB.QueryContext(ctx, `SELECT `+eventCols+`, event_data, headers, available_at
-		FROM `+h.table.Quoted()+` WHERE event_id = $1`, id)
-	if err != nil {
-		h.failErr(w, r, err)
-		return
-	}
-	found := rows.Next()
-	if found {
-		err = rows.Scan(&d.ID, &d.Seq, &d.Subject, &d.Type, &d.EntityType, &d.EntityID, &d.Status,
-			&d.Attempts, &d.LastError, &d.CreatedAt, &d.PublishedAt, &data, &headers, &d.Available)
-	}
-	rows.Close()
-	if err == nil {
-		err = rows.Err()
-	}
-	if err != nil {
-		h.failErr(w, r, err)
-		return
-	}
-	if !found {
+	err = h.cfg.DB.QueryRowContext(ctx, `SELECT `+eventCols+`, event_data, headers, available_at
+		FROM `+h.table.Quoted()+` WHERE event_id = $1`, id).Scan(&d.ID, &d.Seq, &d.Subject, &d.Type,
+		&d.EntityType, &d.EntityID, &d.Status, &d.Attempts, &d.LastError, &d.CreatedAt, &d.PublishedAt,
+		&data, &headers, &d.Available)
+	switch {
+	case errors.Is(err, sql.ErrNoRows):
 		h.fail(w, r, http.StatusNotFound, "No event has the id "+id.String()+".")
+		return
+	case err != nil:
+		h.failErr(w, r, err)
 		return
 	}
 	d.Size = len(data)
@@ -465,22 +461,10 @@ func (h *Handler) failed(w http.ResponseWriter, r *http.Request) {
 	}
 	rows, err := h.cfg.DB.QueryContext(ctx, `SELECT coalesce(last_error, ''), count(*), min(created_at), max(created_at)
 		FROM `+h.table.Quoted()+` WHERE event_status = 'FAILED' GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT $1`, listLimit)
-	if err != nil {
-		h.failErr(w, r, err)
-		return
-	}
-	var groups []errorGroup
-	for rows.Next() {
+	groups, err := collect(rows, err, func(rows *sql.Rows) (errorGroup, error) {
 		var g errorGroup
-		if err = rows.Scan(&g.Error, &g.Count, &g.First, &g.Latest); err != nil {
-			break
-		}
-		groups = append(groups, g)
-	}
-	rows.Close()
-	if err == nil {
-		err = rows.Err()
-	}
+		return g, rows.Scan(&g.Error, &g.Count, &g.First, &g.Latest)
+	})
 	if err != nil {
 		h.failErr(w, r, err)
 		return
@@ -617,21 +601,12 @@ func (h *Handler) consumers(w http.ResponseWriter, r *http.Request) {
 		Event: strings.TrimSpace(r.URL.Query().Get("event"))}
 	rows, err := h.cfg.DB.QueryContext(ctx, `SELECT consumer_id, count(*), max(processed_at)
 		FROM `+h.proc.Quoted()+` GROUP BY 1 ORDER BY 1 LIMIT 200`)
+	data.Consumers, err = collect(rows, err, func(rows *sql.Rows) (consumerRow, error) {
+		var c consumerRow
+		return c, rows.Scan(&c.ID, &c.Count, &c.Last)
+	})
 	if pqErr := (*pq.Error)(nil); errors.As(err, &pqErr) && pqErr.Code == "42P01" {
-		data.Missing = true
-		err = nil
-	} else if err == nil {
-		for rows.Next() {
-			var c consumerRow
-			if err = rows.Scan(&c.ID, &c.Count, &c.Last); err != nil {
-				break
-			}
-			data.Consumers = append(data.Consumers, c)
-		}
-		rows.Close()
-		if err == nil {
-			err = rows.Err()
-		}
+		data.Missing, err = true, nil
 	}
 	if err != nil {
 		h.failErr(w, r, err)
