@@ -188,6 +188,16 @@ func TestConsoleInBrowser(t *testing.T) {
 	do(t, ctx, "see it delivered", chromedp.Reload(), chromedp.WaitVisible(css(`h1 .st-success`)))
 	require.Contains(t, p.Logs(), `msg="console action" action=requeue who=ops`)
 
+	// The overview refreshes itself: a new FAILED event shows without a
+	// reload.
+	failedCard := `a.card[href$="failed"] .v`
+	do(t, ctx, "overview again", chromedp.Navigate(base), chromedp.WaitVisible(css(failedCard)))
+	before := text(t, ctx, failedCard)
+	b.db.MustExec(`UPDATE events SET event_status = 'FAILED', last_error = 'refused later' WHERE event_id = $1`, ids[2])
+	testenv.Eventually(t, 20*time.Second, func() bool { return text(t, ctx, failedCard) != before },
+		"the overview's FAILED count refreshed from %s", before)
+	b.db.MustExec(`UPDATE events SET event_status = 'SUCCESS', last_error = NULL WHERE event_id = $1`, ids[2])
+
 	for _, pg := range []struct{ path, h1 string }{{"replay", "Replay"}, {"consumers", "Consumers"}} {
 		do(t, ctx, pg.path, chromedp.Navigate(base+pg.path), chromedp.WaitVisible(css(`h1`)))
 		require.True(t, strings.HasPrefix(text(t, ctx, "h1"), pg.h1), "%s page", pg.path)
