@@ -231,6 +231,7 @@ func TestRequeueConfirmsThenMoves(t *testing.T) {
 	_, body := f.get(t, "failed")
 	require.Contains(t, body, `action="/ops/outbox/requeue"`)
 	require.Contains(t, body, "Requeue all FAILED")
+	require.Contains(t, body, `name="entity_id" value="2"`, "a blocked entity's requeue button")
 
 	// No selection: an error, nothing moved.
 	resp, body := f.post(t, "requeue", url.Values{})
@@ -239,6 +240,14 @@ func TestRequeueConfirmsThenMoves(t *testing.T) {
 	require.Equal(t, http.StatusBadRequest, resp.StatusCode, body)
 	resp, body = f.post(t, "requeue", url.Values{"entity_type": {"order"}})
 	require.Equal(t, http.StatusBadRequest, resp.StatusCode, body)
+
+	// A selection, and a blocked entity, are counted before they move.
+	resp, body = f.post(t, "requeue", url.Values{"id": {f.ids[1], strings.ToUpper(f.ids[3])}})
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	require.Contains(t, body, "Requeue 2 events?")
+	resp, body = f.post(t, "requeue", url.Values{"entity_type": {"order"}, "entity_id": {"2"}})
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	require.Contains(t, body, "Requeue 1 event?")
 
 	// The first POST asks, with the count, and moves nothing.
 	resp, body = f.post(t, "requeue", url.Values{"error": {"TOO LARGE"}})
