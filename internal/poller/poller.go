@@ -223,6 +223,9 @@ type Poller struct {
 	held     map[string]heldEntity // entities the claims leave out for now; see holdBack
 	busy     bool                  // the last claim found rows
 	suspect  bool                  // a batch hit an outage: ask the broker before claiming
+	// carefulUntil: until then, one event per entity a batch and no
+	// pipelining (see carefulFor).
+	carefulUntil time.Time
 
 	published, refused, failed, batches, backoffs, heldCount atomic.Int64
 	violations                                               atomic.Int64

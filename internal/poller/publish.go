@@ -94,6 +94,15 @@ type inflight struct {
 func (p *Poller) step(ctx context.Context) (n int, healthy bool, err error) {
 	prev := p.inflight
 	p.inflight = nil
+	finished := false
+	if prev != nil && p.careful() {
+		// No pipelining while careful: the batch ahead is finished before
+		// the next claim.
+		if err := p.finish(ctx, prev); err != nil {
+			return 0, false, err
+		}
+		prev, finished = nil, true
+	}
 	var cur *batch
 	select {
 	case <-p.lead.lostCh():
@@ -112,7 +121,7 @@ func (p *Poller) step(ctx context.Context) (n int, healthy bool, err error) {
 			}
 		}
 	}
-	healthy = err == nil && prev == nil && cur == nil
+	healthy = err == nil && prev == nil && (cur == nil || finished)
 	if prev != nil {
 		ferr := p.finish(ctx, prev)
 		healthy = err == nil && ferr == nil
@@ -232,10 +241,17 @@ func (p *Poller) send(ctx context.Context, b *batch, skip map[string]bool) {
 	if p.cfg.SkipPublish {
 		return
 	}
+	var first map[string]bool // careful: the entities that have a row sent
+	if p.careful() {
+		first = map[string]bool{}
+	}
 	for i := range b.rows {
 		r := &b.rows[i]
-		if b.outage != nil || skip[r.entity()] || b.refusedEntities[r.entity()] {
+		if b.outage != nil || skip[r.entity()] || b.refusedEntities[r.entity()] || first != nil && first[r.entity()] {
 			continue
+		}
+		if first != nil {
+			first[r.entity()] = true
 		}
 		if time.Since(b.checked) > p.cfg.LeaderTimeout/2 {
 			// The process stalled (a freeze, a long pause) since the claim:
@@ -332,6 +348,7 @@ func (p *Poller) collect(ctx context.Context, b *batch) (acked []string) {
 				// none.
 				b.outage = firstErr(b.outage, fmt.Errorf("no PubAck within %s: %w", p.cfg.AckTimeout, context.DeadlineExceeded))
 				b.notStored(s.r)
+				p.beCareful()
 				continue
 			}
 		}
@@ -342,6 +359,7 @@ func (p *Poller) collect(ctx context.Context, b *batch) (acked []string) {
 			continue
 		}
 		b.notStored(s.r)
+		p.beCareful()
 		reason, permanent, out := p.classify(ctx, s.r.subject, err)
 		if out != nil {
 			b.outage = firstErr(b.outage, out)
@@ -350,6 +368,28 @@ func (p *Poller) collect(ctx context.Context, b *batch) (acked []string) {
 		b.refuse(s.r, reason, permanent)
 	}
 	return acked
+}
+
+// carefulFor is how long the loop stays careful after JetStream failed to
+// store a message it sent (refused it, did not answer, or answered "no
+// responders"): it then sends one event of each entity a batch, and claims
+// the next batch only once the one ahead is finished. A broker in trouble
+// may answer differently to two messages sent a moment apart (a stream
+// coming back between them), storing an entity's later event after its
+// earlier one failed; careful, a later event is sent only once the earlier
+// one is stored. It costs throughput only while it lasts.
+const carefulFor = 5 * time.Second
+
+// careful reports whether the loop is careful: see carefulFor.
+func (p *Poller) careful() bool { return time.Now().Before(p.carefulUntil) }
+
+// beCareful makes the loop careful for carefulFor from now.
+func (p *Poller) beCareful() {
+	if !p.careful() {
+		p.log.Info("JetStream failed to store a message; sending one event per entity per batch, without pipelining, for a while",
+			"for", carefulFor)
+	}
+	p.carefulUntil = time.Now().Add(carefulFor)
 }
 
 // notStored records that JetStream did not store r, which was sent.
