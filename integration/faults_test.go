@@ -50,6 +50,7 @@ func TestFaults(t *testing.T) {
 		{"4 NATS down 60s", faultNATSDown},
 		{"5 NATS black-holed 10s", faultBlackhole},
 		{"6 stream deleted and recreated", faultStreamRecreated},
+		{"6b stream away 50-400ms, x10, during batches", faultStreamGaps},
 		{"7 poison rows", faultPoison},
 		{"8 5% rollbacks, late commits", faultRollbacks},
 		{"9a 3 replicas, leader SIGKILL", faultReplicasKill},
@@ -295,6 +296,61 @@ func faultStreamRecreated(t *testing.T) faultRow {
 	r := settle(t, b, l, b.js, b.stream, nil, before, nil)
 	r.note("%d in the old stream; %d waiting for a retry during the 5s gap; consumer completeness not checked (its stream was deleted under it)",
 		len(before), retrying)
+	return r
+}
+
+// faultStreamGaps makes the stream unavailable for 50–400 ms, ten times,
+// while the publisher sends batches under the writers: deleted and
+// recreated with the same configuration, as a stream changing leader or
+// JetStream recovering looks to the client ("no responders"). Each event
+// sent into a gap must go back through the loop and arrive in its entity's
+// order: nothing below the loop may retry it on its own timer.
+func faultStreamGaps(t *testing.T) faultRow {
+	b := setup(t)
+	l := newFaultLedger()
+	// The consumer runs through the deletions; whether it processed what
+	// the old streams held is not checked (their streams went away).
+	startFaultConsumer(t, b, testenv.NATSURL(), b.stream, 0)
+	fw := startFaultWriters(t, b, l, steadyLoad)
+	p := startFaultPublisher(t, "publisher", b.db.DSN, "--max-attempts", "1000", "--retry-base", "100ms", "--retry-max", "1s",
+		"--http-addr", "127.0.0.1:0")
+	base := httpBase(t, p)
+	pause(2 * time.Second)
+	ctx := context.Background()
+	info, err := b.js.Stream(ctx, b.stream)
+	if err != nil {
+		t.Fatalf("stream: %v", err)
+	}
+	cfg := info.CachedInfo().Config
+	rng := rand.New(rand.NewPCG(6, uint64(time.Now().UnixNano())))
+	var (
+		before []streamMsg
+		gaps   []string
+	)
+	for range 10 {
+		// What the stream holds is read before it goes, with the publisher
+		// frozen for a moment so that nothing lands after the read (those
+		// messages count as delivered); the gap starts as it resumes.
+		_ = syscall.Kill(p.cmd.Process.Pid, syscall.SIGSTOP)
+		pause(200 * time.Millisecond)
+		before = append(before, readStream(t, b.js, b.stream)...)
+		if err := b.js.DeleteStream(ctx, b.stream); err != nil {
+			t.Fatalf("delete stream: %v", err)
+		}
+		_ = syscall.Kill(p.cmd.Process.Pid, syscall.SIGCONT)
+		gap := time.Duration(50+rng.IntN(351)) * time.Millisecond
+		pause(gap)
+		if _, err := b.js.CreateStream(ctx, cfg); err != nil {
+			t.Fatalf("recreate stream: %v", err)
+		}
+		gaps = append(gaps, gap.String())
+		pause(time.Duration(700+rng.IntN(1300)) * time.Millisecond)
+	}
+	fw.stop()
+	r := settle(t, b, l, b.js, b.stream, nil, before, nil)
+	m := scrape(t, base)
+	r.note("gaps %s; %d read from the old streams; refused %d times meanwhile; outbox_order_violations_total=%d; consumer completeness not checked (its stream was deleted under it)",
+		strings.Join(gaps, ","), len(before), int(m[`outbox_events_published_total{outcome="retried"}`]), int(m["outbox_order_violations_total"]))
 	return r
 }
 
