@@ -34,7 +34,9 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 Measure the outbox on this machine, on scratch tables and a scratch stream
 that are removed afterwards: the database's ceiling for claim-and-mark, the
 broker's for publishing, the publisher's drain rate of a pre-written
-backlog, commit-to-consumer latency at offered rates, writer throughput
+backlog against a naive serial pipeline over a bare table in the same run,
+the CPU per event of the publisher and of PostgreSQL, the database round
+trips per batch, commit-to-consumer latency at offered rates, writer throughput
 with the NOTIFY trigger on and off, and an idle publisher's CPU and memory.
 Takes about a minute with the defaults.`)
 	o.register(c)
@@ -161,6 +163,15 @@ func printBench(w io.Writer, r *bench.Result) {
 	fmt.Fprintf(tw, "NATS limit (async publish)\t%.0f\tevents/s\t\n", r.NATSLimit)
 	fmt.Fprintf(tw, "publisher drain\t%.0f\tevents/s\t\n", r.Drain)
 	fmt.Fprintf(tw, "drain ratio\t%.2f\t\t\n", r.DrainRatio)
+	fmt.Fprintf(tw, "bare claim+mark (one partial index)\t%.0f\tevents/s\t\n", r.BareDB)
+	fmt.Fprintf(tw, "database limit vs bare\t%.2f\t\t\n", r.DBLimitVsBare)
+	fmt.Fprintf(tw, "reference pipeline (serial, bare table)\t%.0f\tevents/s\t\n", r.Reference)
+	fmt.Fprintf(tw, "drain vs reference\t%.2f\t\t\n", r.DrainVsReference)
+	fmt.Fprintf(tw, "drain CPU, publisher\t%.1f\tµs/event\t\n", r.DrainCost.PublisherUS)
+	fmt.Fprintf(tw, "drain CPU, PostgreSQL\t%.1f\tµs/event\t\n", r.DrainCost.PostgresUS)
+	fmt.Fprintf(tw, "reference CPU, pipeline\t%.1f\tµs/event\t\n", r.ReferenceCost.PublisherUS)
+	fmt.Fprintf(tw, "reference CPU, PostgreSQL\t%.1f\tµs/event\t\n", r.ReferenceCost.PostgresUS)
+	fmt.Fprintf(tw, "database round trips\t%.1f\tper batch\t\n", r.RoundTripsPerBatch)
 	for _, d := range r.Replicas {
 		fmt.Fprintf(tw, "drain, replicas=%d partitions=%d\t%.0f\tevents/s\t\n", d.Replicas, d.Partitions, d.EventsPerSec)
 	}

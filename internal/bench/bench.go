@@ -101,14 +101,25 @@ type Latency struct {
 
 // Result is what Run measured. JSON keys are stable: scripts read them.
 type Result struct {
-	DBLimit       float64            `json:"db_limit_events_per_sec"`
-	NATSLimit     float64            `json:"nats_limit_events_per_sec"`
-	Drain         float64            `json:"drain_events_per_sec"`
-	DrainRatio    float64            `json:"drain_ratio"`
-	Replicas      []ReplicaDrain     `json:"replicas_drain,omitempty"`
-	Latency       Latency            `json:"latency_ms"`
-	LatencyByRate map[string]Latency `json:"latency_by_rate,omitempty"`
-	Write         struct {
+	DBLimit    float64 `json:"db_limit_events_per_sec"`
+	NATSLimit  float64 `json:"nats_limit_events_per_sec"`
+	Drain      float64 `json:"drain_events_per_sec"`
+	DrainRatio float64 `json:"drain_ratio"`
+	// The same-run yardsticks (reference.go): the naive serial pipeline
+	// over a bare table, and its claim-and-mark alone.
+	Reference        float64 `json:"reference_events_per_sec"`
+	DrainVsReference float64 `json:"drain_vs_reference"`
+	BareDB           float64 `json:"bare_db_events_per_sec"`
+	DBLimitVsBare    float64 `json:"db_limit_vs_bare"`
+	// CPU per event during the drain and the reference pipeline, and the
+	// publisher's database round trips per batch.
+	DrainCost          cost               `json:"drain_cost"`
+	ReferenceCost      cost               `json:"reference_cost"`
+	RoundTripsPerBatch float64            `json:"round_trips_per_batch"`
+	Replicas           []ReplicaDrain     `json:"replicas_drain,omitempty"`
+	Latency            Latency            `json:"latency_ms"`
+	LatencyByRate      map[string]Latency `json:"latency_by_rate,omitempty"`
+	Write              struct {
 		NotifyOn  float64 `json:"notify_on"`
 		NotifyOff float64 `json:"notify_off"`
 	} `json:"write_events_per_sec"`
@@ -164,8 +175,11 @@ type env struct {
 	js     jetstream.JetStream
 	stream string
 	prefix string
-	w      *outbox.Writer
-	prog   *progress
+	// appName is the application_name of the run's connections, which
+	// tells its backends from other clients' for the CPU measurement.
+	appName string
+	w       *outbox.Writer
+	prog    *progress
 }
 
 // Run measures everything Config asks for and cleans up after itself.
@@ -182,16 +196,29 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	res.Settings.Entities, res.Settings.BatchSize = cfg.Entities, cfg.BatchSize
 	res.Machine = e.machine(ctx)
 
+	if res.BareDB, _, err = e.reference(ctx, true); err != nil {
+		return nil, fmt.Errorf("bare claim-and-mark: %w", err)
+	}
 	if res.DBLimit, err = e.drain(ctx, drainRun{batch: cfg.BatchSize, skipPublish: true}); err != nil {
 		return nil, fmt.Errorf("database limit: %w", err)
 	}
+	res.DBLimitVsBare = res.DBLimit / res.BareDB
 	if res.NATSLimit, err = e.natsLimit(ctx); err != nil {
 		return nil, fmt.Errorf("NATS limit: %w", err)
 	}
-	if res.Drain, err = e.drain(ctx, drainRun{batch: cfg.BatchSize}); err != nil {
+	if res.Reference, res.ReferenceCost, err = e.reference(ctx, false); err != nil {
+		return nil, fmt.Errorf("reference pipeline: %w", err)
+	}
+	d, err := e.drainCost(ctx, drainRun{batch: cfg.BatchSize})
+	if err != nil {
 		return nil, fmt.Errorf("drain: %w", err)
 	}
+	res.Drain, res.DrainCost = d.eventsPerSec, d.cost
 	res.DrainRatio = res.Drain / min(res.DBLimit, res.NATSLimit)
+	res.DrainVsReference = res.Drain / res.Reference
+	if res.RoundTripsPerBatch, err = e.roundTrips(ctx); err != nil {
+		return nil, fmt.Errorf("round trips: %w", err)
+	}
 	for _, n := range cfg.Replicas {
 		eps, err := e.drain(ctx, drainRun{batch: cfg.BatchSize, replicas: n, partitions: cfg.Partitions})
 		if err != nil {
@@ -271,8 +298,9 @@ func setup(ctx context.Context, cfg Config) (*env, func(), error) {
 	})
 	fail := func(err error) (*env, func(), error) { cleanup(); return nil, nil, err }
 
-	e := &env{cfg: cfg, dsn: schema.WithSearchPath(cfg.DatabaseURL, schemaName), prefix: "bench" + sfx,
+	e := &env{cfg: cfg, appName: "outbox-bench-" + sfx, prefix: "bench" + sfx,
 		stream: "BENCH_" + strings.ToUpper(sfx), prog: &progress{w: cfg.Progress, tty: cfg.TTY}}
+	e.dsn = withParam(schema.WithSearchPath(cfg.DatabaseURL, schemaName), "application_name", e.appName)
 	if e.db, err = sqlx.Open("postgres", e.dsn); err != nil {
 		return fail(err)
 	}

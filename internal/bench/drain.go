@@ -1,7 +1,9 @@
 package bench
 
 import (
+	"cmp"
 	"context"
+	"database/sql"
 	"fmt"
 	"sync"
 	"time"
@@ -19,6 +21,20 @@ type drainRun struct {
 	// replicas > 0: that many publishers with partitions, each on its own
 	// NATS connection; 0: one single-leader publisher.
 	replicas, partitions int
+	// events overrides the configured backlog when positive.
+	events int
+	// db, when set, is the pool the publisher claims and marks through.
+	db *sql.DB
+	// rt, when set, counts db's round trips during the measurement.
+	rt *rtProxy
+}
+
+// drainResult is what one drain measured.
+type drainResult struct {
+	eventsPerSec float64
+	cost         cost
+	batches      int64
+	roundTrips   int64
 }
 
 // drain pre-writes the backlog and measures how fast the publishers of r
@@ -30,17 +46,25 @@ type drainRun struct {
 // at its next round (within LeaderTimeout/5 = 200 ms here), so the figure
 // includes a hand-over but not the joining.
 func (e *env) drain(ctx context.Context, r drainRun) (float64, error) {
+	d, err := e.drainCost(ctx, r)
+	return d.eventsPerSec, err
+}
+
+// drainCost is drain, with the CPU per event and the batches.
+func (e *env) drainCost(ctx context.Context, r drainRun) (drainResult, error) {
+	var out drainResult
+	events := cmp.Or(r.events, e.cfg.Events)
 	if err := e.reset(ctx); err != nil {
-		return 0, err
+		return out, err
 	}
-	if err := e.prewrite(ctx, e.cfg.Events, e.prefix+".drain"); err != nil {
-		return 0, err
+	if err := e.prewrite(ctx, events, e.prefix+".drain"); err != nil {
+		return out, err
 	}
 	const placeholder = "bench-placeholder"
 	if r.replicas > 0 {
 		if _, err := e.db.ExecContext(ctx, `INSERT INTO events_leases (part, partitions, owner, expires_at)
 			SELECT k, $1, $2, now() + interval '1 hour' FROM generate_series(0, $1 - 1) k`, r.partitions, placeholder); err != nil {
-			return 0, fmt.Errorf("hold the leases: %w", err)
+			return out, fmt.Errorf("hold the leases: %w", err)
 		}
 	}
 	rctx, cancel := context.WithCancel(ctx)
@@ -48,11 +72,15 @@ func (e *env) drain(ctx context.Context, r drainRun) (float64, error) {
 	defer func() { cancel(); wg.Wait() }()
 	var ps []*poller.Poller
 	for i := range max(r.replicas, 1) {
-		cfg := poller.Config{DB: e.db.DB, DSN: e.dsn, NATS: e.nc, BatchSize: r.batch, SkipPublish: r.skipPublish}
+		db := e.db.DB
+		if r.db != nil {
+			db = r.db
+		}
+		cfg := poller.Config{DB: db, DSN: e.dsn, NATS: e.nc, BatchSize: r.batch, SkipPublish: r.skipPublish}
 		if r.replicas > 0 {
 			nc, err := nats.Connect(e.cfg.NATSURL, append([]nats.Option{nats.ReconnectBufSize(-1)}, e.cfg.NATSOptions...)...)
 			if err != nil {
-				return 0, err
+				return out, err
 			}
 			defer nc.Close()
 			cfg.NATS, cfg.Partitions, cfg.ReplicaID = nc, r.partitions, fmt.Sprintf("bench-%d", i+1)
@@ -60,7 +88,7 @@ func (e *env) drain(ctx context.Context, r drainRun) (float64, error) {
 		}
 		p, err := poller.New(cfg)
 		if err != nil {
-			return 0, err
+			return out, err
 		}
 		ps = append(ps, p)
 		wg.Go(func() { _ = p.Run(rctx) })
@@ -71,11 +99,19 @@ func (e *env) drain(ctx context.Context, r drainRun) (float64, error) {
 			err := e.db.GetContext(ctx, &n, `SELECT count(*) FROM events_replicas`)
 			return n >= r.replicas, err
 		}); err != nil {
-			return 0, fmt.Errorf("replicas registering: %w", err)
+			return out, fmt.Errorf("replicas registering: %w", err)
 		}
 		if _, err := e.db.ExecContext(ctx, `DELETE FROM events_leases WHERE owner = $1`, placeholder); err != nil {
-			return 0, err
+			return out, err
 		}
+	}
+	meter, err := e.startMeter(ctx)
+	if err != nil {
+		return out, err
+	}
+	var rt0 int64
+	if r.rt != nil {
+		rt0 = r.rt.n.Load()
 	}
 	start := time.Now()
 	name := fmt.Sprintf("drain, batch %d", r.batch)
@@ -85,19 +121,27 @@ func (e *env) drain(ctx context.Context, r drainRun) (float64, error) {
 	case r.replicas > 0:
 		name = fmt.Sprintf("drain, replicas=%d", r.replicas)
 	}
-	e.prog.start(name, e.cfg.Events)
-	err := waitFor(ctx, 10*time.Minute, func() (bool, error) {
+	e.prog.start(name, events)
+	err = waitFor(ctx, 10*time.Minute, func() (bool, error) {
 		n := 0
 		for _, p := range ps {
 			n += int(p.Stats().Published)
 		}
 		e.prog.set(n)
-		return n >= e.cfg.Events, nil
+		return n >= events, nil
 	})
 	elapsed := time.Since(start)
+	out.cost = meter.stop(ctx, events)
+	if r.rt != nil {
+		out.roundTrips = r.rt.n.Load() - rt0
+	}
 	e.prog.done()
 	if err != nil {
-		return 0, err
+		return out, err
 	}
-	return float64(e.cfg.Events) / elapsed.Seconds(), nil
+	for _, p := range ps {
+		out.batches += p.Stats().Batches
+	}
+	out.eventsPerSec = float64(events) / elapsed.Seconds()
+	return out, nil
 }
