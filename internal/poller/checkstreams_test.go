@@ -18,6 +18,7 @@ func TestCheckStreams(t *testing.T) {
 	const (
 		shortWindow = "stream's duplicate window is shorter than the publisher's retry horizon"
 		noStream    = "no JetStream stream covers a subject the events table uses"
+		noAck       = "stream is configured with no_ack"
 	)
 	// check runs CheckStreams with a one-minute horizon and returns what it
 	// logged.
@@ -69,6 +70,20 @@ func TestCheckStreams(t *testing.T) {
 		logs := check(t, b, name)
 		require.Contains(t, logs, shortWindow)
 		require.Contains(t, logs, "stream="+name)
+	})
+
+	t.Run("no_ack stream covering a subject of READY rows", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		prefix := "na" + testenv.Suffix()
+		s := b.createStream(t, jetstream.StreamConfig{Subjects: []string{prefix + ".>"}, NoAck: true,
+			Storage: jetstream.MemoryStorage, Duplicates: 2 * time.Minute})
+		b.write(t, ofEntities(prefix+".order", "a")...)
+
+		logs := check(t, b)
+		require.Contains(t, logs, noAck)
+		require.Contains(t, logs, "stream="+s.CachedInfo().Config.Name)
+		require.NotContains(t, logs, shortWindow)
 	})
 
 	t.Run("nothing to say about a long enough window", func(t *testing.T) {

@@ -447,9 +447,10 @@ func refusedByClient(err error) (string, bool) {
 }
 
 // preflight checks that msg, of size bytes (headers and payload), can be
-// stored before it is sent: a stream covers its subject and it fits the
-// stream's size limit (wire.Build checked the server's). It returns a
-// refusal reason, or an error when JetStream could not be asked.
+// stored before it is sent: a stream covers its subject, that stream
+// acknowledges what it stores (not no_ack), and msg fits the stream's size
+// limit (wire.Build checked the server's). It returns a refusal reason, or
+// an error when JetStream could not be asked.
 func (p *Poller) preflight(ctx context.Context, msg *nats.Msg, size int) (reason string, permanent bool, err error) {
 	si, err := p.streams.lookup(ctx, msg.Subject)
 	if errors.Is(err, errNoStream) {
@@ -457,6 +458,13 @@ func (p *Poller) preflight(ctx context.Context, msg *nats.Msg, size int) (reason
 	}
 	if err != nil {
 		return "", false, err
+	}
+	if si.noAck {
+		// The stream would store the event but never say so: with no ack
+		// the event stays READY and is sent again after every back-off, a
+		// new copy stored each time the duplicate window has passed.
+		// Delivery at least once cannot be confirmed, so it is not tried.
+		return fmt.Sprintf("stream %s is configured with no_ack: it never acknowledges a publish, so the event's storage cannot be confirmed", si.name), true, nil
 	}
 	if si.maxMsgSize > 0 && size > si.maxMsgSize {
 		return fmt.Sprintf("message is %d bytes, over stream %s's max_msg_size of %d", size, si.name, si.maxMsgSize), true, nil

@@ -37,6 +37,7 @@ type streamInfo struct {
 	subjects   []string // subject filters, with NATS wildcards
 	maxMsgSize int      // 0: no limit beyond the server's max_payload
 	duplicates time.Duration
+	noAck      bool // the stream never answers a publish with a PubAck
 }
 
 // streamCache maps subjects to the stream that stores them. Only the
@@ -113,7 +114,7 @@ func (c *streamCache) refresh(ctx context.Context) error {
 			continue // a mirror or a stream that only sources others
 		}
 		streams = append(streams, streamInfo{name: cfg.Name, subjects: cfg.Subjects,
-			maxMsgSize: int(cfg.MaxMsgSize), duplicates: cfg.Duplicates})
+			maxMsgSize: int(cfg.MaxMsgSize), duplicates: cfg.Duplicates, noAck: cfg.NoAck})
 	}
 	if err := l.Err(); err != nil {
 		return fmt.Errorf("list JetStream streams: %w", err)
@@ -149,8 +150,9 @@ func subjectMatches(subject, filter string) bool {
 
 // CheckStreams compares the subjects the events table uses with the
 // streams that cover them and logs, for an operator, each subject no
-// stream covers and each covering stream whose duplicate window is shorter
-// than horizon (the longest time after which this publisher may send an
+// stream covers, each covering stream configured with no_ack (its events
+// are FAILED unsent), and each covering stream whose duplicate window is
+// shorter than horizon (the longest time after which this publisher may send an
 // event again). The subjects are those of the oldest READY events and of
 // the most recent events of any status (at most checkSubjectRows rows of
 // each, checkSubjects distinct subjects), so an empty backlog still checks
@@ -202,7 +204,12 @@ func CheckStreams(ctx context.Context, db *sql.DB, js jetstream.JetStream, table
 		if err != nil {
 			return fmt.Errorf("read stream %q: %w", stream, err)
 		}
-		if d := s.CachedInfo().Config.Duplicates; d < horizon {
+		cfg := s.CachedInfo().Config
+		if cfg.NoAck {
+			log.Warn("stream is configured with no_ack: it never acknowledges a publish, so the publisher FAILS every event whose subject it covers without sending it",
+				"stream", stream, "fix", "set no_ack to false on the stream, or move the subjects to a stream that acknowledges")
+		}
+		if d := cfg.Duplicates; d < horizon {
 			log.Warn("stream's duplicate window is shorter than the publisher's retry horizon; a re-sent event may be stored twice (pkg/dedup still drops it)",
 				"stream", stream, "duplicate_window", d, "retry_horizon", horizon)
 		}
