@@ -65,8 +65,9 @@ func TestFaults(t *testing.T) {
 		{"13e a lease taken over while its replica lives", faultLeaseIntruder},
 		{"13f partitioned replicas, one frozen inside each kind of transaction", faultPartitionsFrozenInside},
 		{"14 2,000 events of 900 KiB, memory sampled", faultBigEvents},
-		{"16a PostgreSQL failover to a synchronous standby", faultPGFailover(true)},
-		{"16b PostgreSQL failover to an asynchronous standby", faultPGFailover(false)},
+		{"16a PostgreSQL failover to a synchronous standby", faultPGFailover(true, false)},
+		{"16b PostgreSQL failover to an asynchronous standby", faultPGFailover(false, false)},
+		{"16c PostgreSQL failover with a DSN lacking target_session_attrs", faultPGFailover(true, true)},
 	} {
 		t.Run(strings.ReplaceAll(sc.name, " ", "_"), func(t *testing.T) {
 			began := time.Now()

@@ -128,18 +128,26 @@ func (l *leader) tryAcquire(ctx context.Context) (bool, error) {
 		}
 	}
 	var (
-		ok  bool
+		won sql.NullBool // NULL: the server is in recovery, the lock was not tried
 		pid int
 	)
 	try := "pg_try_advisory_lock"
 	if l.shared {
 		try = "pg_try_advisory_lock_shared"
 	}
-	err := l.conn.QueryRowContext(ctx, `SELECT `+try+`($1, $2::bigint::oid::int), pg_backend_pid()`,
-		leaderNamespace, l.tableOID).Scan(&ok, &pid)
-	if err != nil {
+	// Advisory locks work on a hot standby too: without the recovery
+	// check a publisher whose session landed on a standby (a multi-host
+	// DSN without target_session_attrs) would lead there, unable to claim.
+	err := l.conn.QueryRowContext(ctx, `SELECT CASE WHEN pg_is_in_recovery() THEN NULL
+			ELSE `+try+`($1, $2::bigint::oid::int) END, pg_backend_pid()`,
+		leaderNamespace, l.tableOID).Scan(&won, &pid)
+	ok := won.Bool
+	switch {
+	case err != nil:
 		err = fmt.Errorf("try leader lock: %w", err)
-	} else if ok {
+	case !won.Valid:
+		err = errStandbyServer
+	case ok:
 		err = l.barrier(ctx, l.conn)
 	}
 	if err != nil {
@@ -242,6 +250,13 @@ func (l *leader) lockReplicaID(ctx context.Context) error {
 	return fmt.Errorf("%w: replica id %q is held by backend pid %d (client %s, connected %s)",
 		ErrReplicaIDInUse, l.replicaID, pid.Int64, cmp.Or(client.String, "local"), since.Time.UTC().Format(time.RFC3339))
 }
+
+// errStandbyServer is returned by tryAcquire when the lock session reached
+// a server in recovery (a standby): leading there would only fail to
+// claim. The session is closed, so the next try connects again, to the
+// primary if the DSN says how to find it.
+var errStandbyServer = errors.New("the database server is a read-only standby (in recovery), not the primary: " +
+	"point the DSN at the primary or at a name that follows it; with several hosts, add target_session_attrs=read-write")
 
 // disconnect closes the lock session (and with it any lock it held).
 func (l *leader) disconnect() {
