@@ -86,12 +86,20 @@ func TestReplayStreamGapKeepsEntityOrder(t *testing.T) {
 	sc := info.Config
 	require.NoError(t, b.js.DeleteStream(ctx, sc.Name))
 	done := make(chan error, 1)
+	sent := b.nc.Stats().OutMsgs
 	go func() {
 		_, err := poller.Replay(ctx, b.db.DB.DB, b.js, "events", poller.ReplayFilter{FromSeq: 1},
 			poller.ReplayOptions{RunID: "gap", MaxInFlight: len(events), AckTimeout: 5 * time.Second}, nil)
 		done <- err
 	}()
-	time.Sleep(100 * time.Millisecond) // the gap's length, not a wait for an outcome
+	// The stream comes back as soon as every event is out (the replay
+	// sends on the test's connection, which counts them), well within
+	// nats.go's default retry wait of 250ms: a fixed pause could end in
+	// the middle of the sends on a loaded machine, and an entity's events
+	// sent before and after it would be stored out of order without any
+	// client retry.
+	testenv.Eventually(t, 10*time.Second, func() bool { return b.nc.Stats().OutMsgs >= sent+uint64(len(events)) },
+		"the replay is sent during the gap")
 	_, err = b.js.CreateStream(ctx, sc)
 	require.NoError(t, err)
 	err = <-done
