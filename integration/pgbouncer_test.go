@@ -94,7 +94,8 @@ func startPgBouncer(t *testing.T, db *testenv.DB, mode string, poolSize int) str
 	dir := t.TempDir()
 	runAs := runAsPostgres(t, dir)
 	up, err := url.Parse(testenv.DatabaseURL())
-	require.NoError(t, err, "DATABASE_URL must be a postgres:// URL for the PgBouncer tests")
+	require.True(t, err == nil && (up.Scheme == "postgres" || up.Scheme == "postgresql"),
+		"DATABASE_URL must be a postgres:// URL for the PgBouncer tests")
 	backend := fmt.Sprintf("host=%s port=%s dbname=%s user=%s", cmp.Or(up.Hostname(), "127.0.0.1"), cmp.Or(up.Port(), "5432"),
 		strings.TrimPrefix(up.Path, "/"), cmp.Or(up.User.Username(), "postgres"))
 	if pw, ok := up.User.Password(); ok {
@@ -116,8 +117,8 @@ max_client_conn = 100
 logfile = %s
 ignore_startup_parameters = extra_float_digits
 `, backend, port, filepath.Join(dir, "users.txt"), mode, poolSize, filepath.Join(dir, "pgbouncer.log"))
-	user := cmp.Or(up.User.Username(), "postgres")
-	for name, text := range map[string]string{"pgbouncer.ini": ini, "users.txt": fmt.Sprintf("%q \"\"\n", user)} {
+	login := cmp.Or(up.User.Username(), "postgres")
+	for name, text := range map[string]string{"pgbouncer.ini": ini, "users.txt": fmt.Sprintf("%q \"\"\n", login)} {
 		require.NoError(t, os.WriteFile(filepath.Join(dir, name), []byte(text), 0o644))
 	}
 	args := []string{bin, filepath.Join(dir, "pgbouncer.ini")}
@@ -145,7 +146,7 @@ ignore_startup_parameters = extra_float_digits
 			t.Logf("pgbouncer (%s pooling) output:\n%s\n%s", mode, out.String(), log)
 		}
 	})
-	dsn := fmt.Sprintf("postgres://%s@127.0.0.1:%d/outbox?sslmode=disable", url.PathEscape(user), port)
+	dsn := fmt.Sprintf("postgres://%s@127.0.0.1:%d/outbox?sslmode=disable", url.PathEscape(login), port)
 	probe, err := sqlx.Open("postgres", dsn)
 	require.NoError(t, err)
 	defer probe.Close()
