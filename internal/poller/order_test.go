@@ -187,3 +187,43 @@ func TestEventLockedByAnotherSessionHoldsBackItsEntity(t *testing.T) {
 	require.Equal(t, locked, msgs[2].Headers().Get(outbox.HeaderEventID), "the locked event goes first of its entity")
 	require.Zero(t, p.Stats().OrderViolations)
 }
+
+// Once JetStream has failed to store a message, the loop is careful: it
+// does not send an entity's next event until the earlier one is stored.
+// The late refusal that broke the order in
+// TestOrderBrokenByALateRefusalIsLoggedAndCounted then breaks nothing: the
+// later event waits behind the refused one.
+func TestCarefulAfterAFailureSendsNothingAheadOfAnUnstoredEvent(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	stored := b.stream
+	tag := testenv.Suffix()
+	refusing, slow := "p"+tag+".order.refused", "q"+tag+".order.slow"
+	b.jsResponder(t, refusing, 10071, 0)
+	b.jsResponder(t, slow, 10071, 300*time.Millisecond)
+	b.stream = stored
+
+	var logs testenv.SyncBuffer
+	cfg := fastConfig()
+	cfg.BatchSize = 1
+	cfg.MaxAttempts = 1000
+	cfg.Logger = slog.New(slog.NewTextHandler(io.MultiWriter(&logs, testWriter{t}), nil))
+	p := b.start(t, cfg)
+
+	// An event JetStream keeps refusing keeps the loop careful.
+	b.write(t, outbox.Event{EntityType: "order", EntityID: "0", Type: "Created", Subject: refusing, Data: map[string]int{"n": 1}})
+	testenv.Eventually(t, 10*time.Second, func() bool { return strings.Contains(logs.String(), "sending one event per entity per batch") },
+		"the loop turns careful")
+
+	b.write(t,
+		outbox.Event{EntityType: "order", EntityID: "1", Type: "Created", Subject: slow, Data: map[string]int{"n": 1}},
+		outbox.Event{EntityType: "order", EntityID: "1", Type: "Changed", Subject: b.prefix + ".order.changed", Data: map[string]int{"n": 2}},
+		outbox.Event{EntityType: "order", EntityID: "2", Type: "Changed", Subject: b.prefix + ".order.changed", Data: map[string]int{"n": 1}})
+	testenv.Eventually(t, 10*time.Second, func() bool {
+		return b.db.Int(t, `SELECT count(*) FROM events WHERE entity_id = '1' AND attempts > 0`) == 1 &&
+			b.db.Count(t, "SUCCESS") == 1
+	}, "the slow event refused, the other entity's event stored")
+	require.Zero(t, b.db.Int(t, `SELECT count(*) FROM events WHERE entity_id = '1' AND event_status = 'SUCCESS'`),
+		"an event was stored ahead of an earlier one of its entity")
+	require.Zero(t, p.Stats().OrderViolations)
+}
