@@ -27,8 +27,10 @@ import (
 //	/healthz  200 while the process runs, 503 while its NATS connection is
 //	          closed for good (the publisher then connects again; a
 //	          lasting 503 means it cannot)
-//	/readyz   200 when PostgreSQL and NATS answer, 503 otherwise; the JSON
-//	          body also says whether this replica leads or stands by
+//	/readyz   200 when PostgreSQL and NATS answer and the publish loop is
+//	          not stuck on a database error retrying cannot fix (a missing
+//	          privilege, column or table: poller.Fault), 503 otherwise; the
+//	          JSON body also says whether this replica leads or stands by
 const (
 	pathMetrics = "/metrics"
 	pathHealthz = "/healthz"
@@ -95,12 +97,18 @@ type readyReport struct {
 	Partitions int    `json:"partitions,omitempty"`
 	Database   string `json:"database"` // "ok" or what is wrong
 	NATS       string `json:"nats"`     // "ok" or what is wrong
+	// Loop is "ok", or the database error the publish loop keeps failing
+	// on with what to do about it; empty before the loop exists.
+	Loop string `json:"loop,omitempty"`
 }
 
 func (rd *readiness) check(ctx context.Context) readyReport {
 	r := readyReport{Role: roleStarting, Database: "ok", NATS: "ok"}
 	if p := rd.poller.Load(); p != nil {
-		r.Role = roleStandby
+		r.Role, r.Loop = roleStandby, "ok"
+		if f := p.Fault(); f != nil {
+			r.Loop = f.Error()
+		}
 		switch st := p.Stats(); {
 		case st.Leader && p.Partitioned():
 			r.Role, r.Partitions = roleReplica, st.Partitions
@@ -128,7 +136,7 @@ func (rd *readiness) check(ctx context.Context) readyReport {
 			r.NATS = "unreachable: " + err.Error()
 		}
 	}
-	r.Ready = r.Database == "ok" && r.NATS == "ok"
+	r.Ready = r.Database == "ok" && r.NATS == "ok" && (r.Loop == "" || r.Loop == "ok")
 	return r
 }
 

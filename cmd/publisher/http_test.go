@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"database/sql"
 	"encoding/json"
 	"errors"
@@ -10,15 +11,18 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 
 	"github.com/pgnats/outbox/internal/poller"
 	"github.com/pgnats/outbox/internal/testenv"
+	"github.com/pgnats/outbox/pkg/outbox"
 )
 
 // request sends a request to h and returns the status and body.
@@ -204,4 +208,95 @@ func TestReadyzFloodUsesOneDatabaseConnection(t *testing.T) {
 	wg.Wait()
 	close(done)
 	require.LessOrEqual(t, peak.Load(), int64(2), "database connections open during 90 concurrent /readyz")
+}
+
+// A database error that retrying cannot fix (the publisher's role lost a
+// privilege, a column it writes was dropped) makes the loop back off for
+// ever while the database answers pings: /readyz says so, with the
+// SQLSTATE and what to do, and is ready again once it is fixed. An idle
+// publisher is ready.
+func TestReadyzReportsALastingDatabaseError(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name, sqlstate, hint string
+		breaks, fixes        string // SQL run as the owner; $role is the role
+	}{
+		{"role without UPDATE", "42501", "grant the publisher's database role",
+			`REVOKE UPDATE ON events FROM $role`, `GRANT UPDATE ON events TO $role`},
+		{"dropped column", "42703", "a column or table the publisher uses is missing",
+			`ALTER TABLE events DROP COLUMN published_at`, `ALTER TABLE events ADD COLUMN published_at timestamptz`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			owner := testenv.NewDB(t)
+			role := "outbox_pub_" + testenv.Suffix()
+			owner.MustExec(`CREATE ROLE ` + role + ` LOGIN`)
+			t.Cleanup(func() {
+				owner.MustExec(`DROP OWNED BY ` + role)
+				owner.MustExec(`DROP ROLE ` + role)
+			})
+			owner.MustExec(`GRANT USAGE ON SCHEMA ` + owner.Schema + ` TO ` + role)
+			owner.MustExec(`GRANT SELECT, UPDATE ON events TO ` + role)
+			u, err := url.Parse(owner.DSN)
+			require.NoError(t, err)
+			u.User = url.User(role)
+			db, err := sql.Open("postgres", u.String())
+			require.NoError(t, err)
+			t.Cleanup(func() { db.Close() })
+
+			nc, js := testenv.NATS(t)
+			_, prefix := testenv.Stream(t, js)
+			var logs testenv.SyncBuffer
+			p, err := poller.New(poller.Config{DB: db, DSN: u.String(), NATS: nc, PollInterval: 100 * time.Millisecond,
+				BackoffMax: 200 * time.Millisecond, LeaderTimeout: 2 * time.Second,
+				Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+			require.NoError(t, err)
+			var rd readiness
+			rd.db.Store(db)
+			rd.nc.Store(nc)
+			rd.poller.Store(p)
+			h := newHTTPHandler(newRegistry(poller.NewMetrics()), &rd, slog.New(slog.DiscardHandler))
+			ctx, stop := context.WithCancel(context.Background())
+			done := make(chan error, 1)
+			go func() { done <- p.Run(ctx) }()
+			t.Cleanup(func() { stop(); require.NoError(t, <-done) })
+
+			w, err := outbox.NewWriter(outbox.Config{})
+			require.NoError(t, err)
+			write := func() {
+				tx, err := owner.Beginx()
+				require.NoError(t, err)
+				_, err = w.Write(context.Background(), tx, outbox.Event{EntityType: "order", EntityID: "1",
+					Type: "Changed", Subject: prefix + ".order", Data: json.RawMessage(`{}`)})
+				require.NoError(t, err)
+				require.NoError(t, tx.Commit())
+			}
+			write()
+			testenv.Eventually(t, 10*time.Second, func() bool { return owner.Count(t, "SUCCESS") == 1 }, "published")
+			code, body := request(t, h, http.MethodGet, pathReadyz)
+			require.Equal(t, http.StatusOK, code, "an idle publisher is ready: %s", body)
+			require.Equal(t, "ok", readyBody(t, body).Loop)
+
+			owner.MustExec(strings.ReplaceAll(tc.breaks, "$role", role))
+			write()
+			testenv.Eventually(t, 10*time.Second, func() bool {
+				code, body = request(t, h, http.MethodGet, pathReadyz)
+				return code == http.StatusServiceUnavailable
+			}, "/readyz reports the lasting error (logs: %s)", &logs)
+			r := readyBody(t, body)
+			require.Contains(t, r.Loop, "SQLSTATE "+tc.sqlstate)
+			require.Contains(t, r.Loop, tc.hint)
+			require.Equal(t, "ok", r.Database, "the database answers pings all along")
+			require.Contains(t, logs.String(), "sqlstate="+tc.sqlstate)
+			require.Contains(t, logs.String(), "hint=")
+
+			owner.MustExec(strings.ReplaceAll(tc.fixes, "$role", role))
+			testenv.Eventually(t, 10*time.Second, func() bool { return owner.Count(t, "SUCCESS") == 2 },
+				"published once fixed (logs: %s)", &logs)
+			testenv.Eventually(t, 10*time.Second, func() bool {
+				code, body = request(t, h, http.MethodGet, pathReadyz)
+				return code == http.StatusOK
+			}, "ready again once fixed: %s", &body)
+		})
+	}
 }

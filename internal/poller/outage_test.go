@@ -80,6 +80,7 @@ func TestBrokerOutageBacksOffToTheMaxWithoutClaiming(t *testing.T) {
 		require.GreaterOrEqual(t, d, cfg.BackoffMax/2, "the back-off grew to its maximum and stays there")
 	}
 	require.Zero(t, b.db.Count(t, "SUCCESS"))
+	require.Nil(t, p.Fault(), "a broker outage is not a lasting database error")
 
 	srv.Start()
 	testenv.Eventually(t, 30*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == len(events) },

@@ -223,6 +223,8 @@ type Poller struct {
 	held     map[string]heldEntity // entities the claims leave out for now; see holdBack
 	busy     bool                  // the last claim found rows
 	suspect  bool                  // a batch hit an outage: ask the broker before claiming
+	faults   int                   // tries in a row that failed with a lasting database error; see noteFault
+	fault    atomic.Pointer[Fault] // see Fault
 	// carefulUntil: until then, one event per entity a batch and no
 	// pipelining (see carefulFor).
 	carefulUntil time.Time
@@ -373,14 +375,16 @@ func (p *Poller) Run(ctx context.Context) error {
 			if sleeping {
 				sleeping = !p.wakeUp(ctx)
 			}
+			p.noteFault(err)
 			p.backoffs.Add(1)
 			p.cfg.Metrics.backoff()
 			d := bo.next()
-			p.log.Warn("publish loop backing off", "err", err, "backoff", d)
+			p.log.Warn("publish loop backing off", append([]any{"err", err, "backoff", d}, faultAttrs(err)...)...)
 			p.sleep(ctx, d, nil)
 			continue
 		}
 		if healthy {
+			p.noteFault(nil)
 			// Only a batch that went through, or a look that found nothing
 			// due, ends an outage: a step that merely claimed and sent
 			// proves nothing yet, and resetting on it would keep the
@@ -553,12 +557,14 @@ func (p *Poller) elect(ctx context.Context, bo *backoff) bool {
 		return false
 	case err != nil:
 		if ctx.Err() == nil {
+			p.noteFault(err)
 			d := bo.next()
-			p.log.Warn("leader election failed; retrying", "err", err, "backoff", d)
+			p.log.Warn("leader election failed; retrying", append([]any{"err", err, "backoff", d}, faultAttrs(err)...)...)
 			p.sleep(ctx, d, nil)
 		}
 		return false
 	case !ok:
+		p.noteFault(nil)
 		if !p.standby {
 			msg := "standing by: another publisher leads"
 			if p.parts != nil {
