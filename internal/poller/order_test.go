@@ -116,10 +116,11 @@ func TestReplayStreamGapKeepsEntityOrder(t *testing.T) {
 	}
 }
 
-// An event refused after a later event of its entity was sent in the next
-// batch, claimed and sent while the refused one's answer was still on its
-// way (pipelining), breaks the entity's order. The loop cannot undo that; it
-// logs it, naming both events, and counts it.
+// An event refused after a later event of its entity was sent in the same
+// batch (sent together, before any answer) breaks the entity's order. The
+// loop cannot undo that; it logs it, naming both events, and counts it. (A
+// later event in the next batch is not sent before the refused one's
+// answer: TestFailedBatchAheadHoldsTheNextBatchBack.)
 func TestOrderBrokenByALateRefusalIsLoggedAndCounted(t *testing.T) {
 	t.Parallel()
 	b := setup(t)
@@ -128,8 +129,7 @@ func TestOrderBrokenByALateRefusalIsLoggedAndCounted(t *testing.T) {
 
 	var logs testenv.SyncBuffer
 	cfg := fastConfig()
-	cfg.BatchSize = 1 // each event its own batch: the second is sent while the first waits
-	cfg.Metrics = poller.NewMetrics()
+	cfg.Metrics = poller.NewMetrics() // both events in one batch: the second is sent while the first waits
 	cfg.Logger = slog.New(slog.NewTextHandler(io.MultiWriter(&logs, testWriter{t}), nil))
 	p := b.start(t, cfg)
 	b.warmUp(t)
@@ -226,5 +226,40 @@ func TestCarefulAfterAFailureSendsNothingAheadOfAnUnstoredEvent(t *testing.T) {
 	}, "the slow event refused, the other entity's event stored")
 	require.Zero(t, b.db.Int(t, `SELECT count(*) FROM events WHERE entity_id = '1' AND event_status = 'SUCCESS'`),
 		"an event was stored ahead of an earlier one of its entity")
+	require.Zero(t, p.Stats().OrderViolations)
+}
+
+// A batch whose publish failed at once must hold back the batch claimed
+// behind it, from the first failure on (before the loop turns careful). A
+// clustered stream changing leader answers "no responders" for a few
+// milliseconds; the next batch, claimed and sent meanwhile, reaches the new
+// leader and stores an entity's later event ahead of the earlier one that
+// failed. The loop sends a batch only once the batch ahead has all its
+// answers, and nothing behind a failure. Here the first event's stream
+// refuses it at once (10071, wrong last sequence: retried); each event is
+// its own batch; the second event, of the same entity, must not be stored
+// while the first keeps failing.
+func TestFailedBatchAheadHoldsTheNextBatchBack(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	away := "p" + testenv.Suffix() + ".order.away"
+	r := b.jsResponder(t, away, 10071, 0)
+
+	cfg := fastConfig()
+	cfg.BatchSize = 1 // the second event is claimed while the first is in flight
+	cfg.MaxAttempts = 1000
+	p := b.start(t, cfg)
+	b.warmUp(t)
+	r.arm(t)
+
+	b.write(t,
+		outbox.Event{EntityType: "order", EntityID: "1", Type: "Created", Subject: away, Data: map[string]int{"n": 1}},
+		outbox.Event{EntityType: "order", EntityID: "1", Type: "Changed", Subject: b.prefix + ".order.changed", Data: map[string]int{"n": 2}})
+	testenv.Eventually(t, 20*time.Second, func() bool {
+		return b.db.Int(t, `SELECT coalesce(max(attempts), 0) FROM events WHERE entity_id = '1'`) >= 3
+	}, "the first event sent and refused 3 times")
+	for _, m := range b.received(t) {
+		require.NotEqual(t, "1", m.Headers().Get(outbox.HeaderEntityID), "the second event was stored while the first, ahead of it, failed")
+	}
 	require.Zero(t, p.Stats().OrderViolations)
 }

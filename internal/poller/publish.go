@@ -81,6 +81,10 @@ type inflight struct {
 	r   *row
 	paf jetstream.PubAckFuture
 	at  time.Time // when it was sent
+	// answered: awaitAnswers took its answer before collect, acked or err.
+	answered bool
+	acked    bool
+	err      error
 }
 
 // step is one turn of the pipeline: claim and send a new batch while the
@@ -172,6 +176,14 @@ func (p *Poller) drain(ctx context.Context) error {
 // start claims a batch and sends its rows, except rows of entities in skip.
 // ahead is the batch in flight, or nil: together the two hold at most
 // about twice BatchBytes. It returns nil when nothing was due.
+//
+// The claim runs while ahead's acks are on their way; the batch is sent
+// only once every publish of ahead has its answer (awaitAnswers), and not
+// at all when one of them failed: its rows are left for a later step, after
+// ahead is finished. Sent earlier, an entity's later events could be stored
+// ahead of its earlier ones that ahead failed to store, as when a clustered
+// stream changes leader: "no responders" for ahead, and the new leader
+// storing this batch a few milliseconds later.
 func (p *Poller) start(ctx context.Context, skip map[string]bool, ahead *batch) (*batch, error) {
 	started := time.Now()
 	budget := claimBudget{rows: p.cfg.BatchSize, bytes: int64(p.cfg.BatchBytes)}
@@ -186,7 +198,7 @@ func (p *Poller) start(ctx context.Context, skip map[string]bool, ahead *batch) 
 	if err != nil {
 		return nil, err
 	}
-	if len(rows) == 0 {
+	if len(rows) == 0 || (ahead != nil && !p.awaitAnswers(ctx, ahead)) {
 		if tx != nil {
 			return nil, tx.Rollback()
 		}
@@ -323,7 +335,9 @@ func (p *Poller) collect(ctx context.Context, b *batch) (acked []string) {
 			err error
 			ok  bool
 		)
-		if !expired {
+		if s.answered {
+			ok, err = s.acked, s.err
+		} else if !expired {
 			select {
 			case <-s.paf.Ok():
 				ok = true
@@ -332,7 +346,7 @@ func (p *Poller) collect(ctx context.Context, b *batch) (acked []string) {
 				expired = true
 			}
 		}
-		if expired {
+		if expired && !s.answered {
 			// Past the deadline, take what has arrived: when an ack and the
 			// deadline are both ready, select picks either, and an acked
 			// batch must not be taken for an outage.
@@ -390,6 +404,37 @@ func (p *Poller) beCareful() {
 			"for", carefulFor)
 	}
 	p.carefulUntil = time.Now().Add(carefulFor)
+}
+
+// awaitAnswers waits until every publish of b has its answer, an ack or
+// an error, which it keeps for collect, and reports whether all were acked.
+// It gives up (false) at b's ack deadline, as collect would, or when ctx
+// ends. It stops at the first error: the caller holds its batch back.
+func (p *Poller) awaitAnswers(ctx context.Context, b *batch) bool {
+	if p.cfg.SkipPublish || b.outage != nil {
+		return b.outage == nil
+	}
+	deadline := time.NewTimer(time.Until(b.sentAt.Add(p.cfg.AckTimeout)))
+	defer deadline.Stop()
+	for i := range b.sent {
+		s := &b.sent[i]
+		if !s.answered {
+			select {
+			case <-s.paf.Ok():
+				s.answered, s.acked = true, true
+			case s.err = <-s.paf.Err():
+				s.answered = true
+			case <-deadline.C:
+				return false
+			case <-ctx.Done():
+				return false
+			}
+		}
+		if !s.acked {
+			return false
+		}
+	}
+	return true
 }
 
 // notStored records that JetStream did not store r, which was sent.
