@@ -26,7 +26,8 @@ type faultProxy struct {
 }
 
 // newFaultProxy listens on a free local port and forwards to target until
-// the test ends.
+// the test ends. An empty target refuses connections (closes them at once)
+// until setTarget names one.
 func newFaultProxy(t *testing.T, target string) *faultProxy {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -40,6 +41,26 @@ func newFaultProxy(t *testing.T, target string) *faultProxy {
 
 // addr is the proxy's host:port.
 func (p *faultProxy) addr() string { return p.ln.Addr().String() }
+
+// setTarget sets where new connections are forwarded.
+func (p *faultProxy) setTarget(target string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.target = target
+}
+
+// sever closes every connection open through the proxy, dropping what a
+// black hole holds: both ends see the connection reset, as peers of a
+// host that died do. New connections are forwarded as before.
+func (p *faultProxy) sever() {
+	p.mu.Lock()
+	conns := p.conns
+	p.conns = nil
+	p.mu.Unlock()
+	for _, c := range conns {
+		c.Close()
+	}
+}
 
 // blackhole stops forwarding.
 func (p *faultProxy) blackhole() {
@@ -75,7 +96,14 @@ func (p *faultProxy) accept() {
 		if err != nil {
 			return
 		}
-		up, err := net.Dial("tcp", p.target)
+		p.mu.Lock()
+		target := p.target
+		p.mu.Unlock()
+		if target == "" {
+			c.Close()
+			continue
+		}
+		up, err := net.Dial("tcp", target)
 		if err != nil {
 			c.Close()
 			continue

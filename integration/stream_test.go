@@ -3,6 +3,7 @@ package integration
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"testing"
 	"time"
 
@@ -22,35 +23,62 @@ type streamMsg struct {
 }
 
 // readStream reads every message of the stream, in stream order, with an
-// ordered consumer.
+// ordered consumer. A read that fails (on a cluster, a consumer just made
+// may not answer yet: "no responders") starts again, for up to 20 s.
 func readStream(t *testing.T, js jetstream.JetStream, stream string) []streamMsg {
 	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		out, err := tryReadStream(js, stream)
+		if err == nil || time.Now().After(deadline) {
+			require.NoError(t, err)
+			return out
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+func tryReadStream(js jetstream.JetStream, stream string) ([]streamMsg, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	s, err := js.Stream(ctx, stream)
-	require.NoError(t, err)
+	if err != nil {
+		return nil, err
+	}
 	info, err := s.Info(ctx)
-	require.NoError(t, err)
+	if err != nil {
+		return nil, err
+	}
 	want := int(info.State.Msgs)
 	cons, err := s.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{})
-	require.NoError(t, err)
+	if err != nil {
+		return nil, err
+	}
 	out := make([]streamMsg, 0, want)
 	for len(out) < want {
 		batch, err := cons.Fetch(min(500, want-len(out)), jetstream.FetchMaxWait(5*time.Second))
-		require.NoError(t, err)
+		if err != nil {
+			return nil, err
+		}
 		got := 0
 		for m := range batch.Messages() {
 			got++
 			h := m.Headers()
 			sm := streamMsg{msgID: h.Get(jetstream.MsgIDHeader), eventID: h.Get(outbox.HeaderEventID),
 				entity: h.Get(outbox.HeaderEntityID), replay: h.Get(outbox.HeaderReplay)}
-			require.NoError(t, json.Unmarshal(m.Data(), &sm.data), "payload of %s", sm.msgID)
+			if err := json.Unmarshal(m.Data(), &sm.data); err != nil {
+				return nil, fmt.Errorf("payload of %s: %w", sm.msgID, err)
+			}
 			out = append(out, sm)
 		}
-		require.NoError(t, batch.Error())
-		require.NotZero(t, got, "stream %s: read %d of %d messages, then nothing", stream, len(out), want)
+		if err := batch.Error(); err != nil {
+			return nil, err
+		}
+		if got == 0 {
+			return nil, fmt.Errorf("stream %s: read %d of %d messages, then nothing", stream, len(out), want)
+		}
 	}
-	return out
+	return out, nil
 }
 
 // entitySequences returns, per entity, the numbers of its events in stream

@@ -50,6 +50,7 @@ Takes about a minute with the defaults.`)
 	c.Int(&cfg.Writers, "writers", 4, "concurrent writers in the writer-throughput runs")
 	c.String(&replicas, "replicas", "", "also drain the backlog with each of these numbers of publishers run with --partitions, e.g. 1,2,3 (in this process, each on its own NATS connection)")
 	c.Int(&cfg.Partitions, "partitions", 12, "with --replicas: the partition count")
+	c.Int(&cfg.StreamReplicas, "stream-replicas", 1, "replicas of the scratch stream (3 on a JetStream cluster measures a replicated stream; --nats-url may list every node)")
 	c.Bool(&noIdle, "no-idle", false, "skip the idle CPU and memory measurement")
 	c.Bool(&sweep, "sweep", false, "also sweep latency over 500..20000 events/s and drain over batch sizes 50..2000")
 	c.Duration(&cfg.SweepDuration, "sweep-duration", 5*time.Second, "with --sweep: length of each latency run")
@@ -63,8 +64,9 @@ Takes about a minute with the defaults.`)
 	if err != nil {
 		return err
 	}
-	if cfg.Events < 1 || cfg.Payload < 2 || cfg.Entities < 1 || cfg.BatchSize < 1 || cfg.Writers < 1 || cfg.Duration <= 0 {
-		return usagef("bench: --events, --entities, --batch-size and --writers must be at least 1, --payload at least 2, --duration positive")
+	if cfg.Events < 1 || cfg.Payload < 2 || cfg.Entities < 1 || cfg.BatchSize < 1 || cfg.Writers < 1 || cfg.Duration <= 0 ||
+		cfg.StreamReplicas < 1 || cfg.StreamReplicas > 5 {
+		return usagef("bench: --events, --entities, --batch-size and --writers must be at least 1, --payload at least 2, --duration positive, --stream-replicas 1 to 5")
 	}
 	if cfg.Rates, err = positiveInts("rates", rates); err != nil {
 		return err
@@ -155,8 +157,8 @@ func writePlot(path string, s *bench.Sweep) error {
 func printBench(w io.Writer, r *bench.Result) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
 	m := r.Machine
-	fmt.Fprintf(w, "machine: %s, %d cores, %s, PostgreSQL %s, NATS %s (%s storage)\n",
-		m.CPU, m.Cores, m.OS, m.Postgres, m.NATS, m.Storage)
+	fmt.Fprintf(w, "machine: %s, %d cores, %s, PostgreSQL %s, NATS %s (%s storage, %d replica(s))\n",
+		m.CPU, m.Cores, m.OS, m.Postgres, m.NATS, m.Storage, m.Replicas)
 	fmt.Fprintf(w, "workload: %d events, %d-byte payloads, %d entities, batch %d\n\n",
 		r.Settings.Events, r.Settings.Payload, r.Settings.Entities, r.Settings.BatchSize)
 	fmt.Fprintf(tw, "database limit (claim+mark)\t%.0f\tevents/s\t\n", r.DBLimit)

@@ -59,6 +59,9 @@ type Config struct {
 	// publishers run with Partitions partitions [12].
 	Replicas   []int
 	Partitions int
+	// StreamReplicas is the scratch stream's replica count [1]: 3 on a
+	// JetStream cluster measures a replicated stream.
+	StreamReplicas int
 	// PublisherBin is the publisher binary whose idle cost is measured.
 	// Empty skips that measurement.
 	PublisherBin string
@@ -81,6 +84,7 @@ func (c Config) withDefaults() Config {
 	c.IdleFor = cmp.Or(c.IdleFor, 10*time.Second)
 	c.SweepDuration = cmp.Or(c.SweepDuration, 5*time.Second)
 	c.Partitions = cmp.Or(c.Partitions, 12)
+	c.StreamReplicas = cmp.Or(c.StreamReplicas, 1)
 	if c.Progress == nil {
 		c.Progress = io.Discard
 	}
@@ -164,6 +168,7 @@ type Machine struct {
 	Postgres string `json:"postgres"`
 	NATS     string `json:"nats"`
 	Storage  string `json:"jetstream_storage"`
+	Replicas int    `json:"stream_replicas"`
 }
 
 // env is one run's scratch schema, stream and connections.
@@ -322,6 +327,7 @@ func setup(ctx context.Context, cfg Config) (*env, func(), error) {
 	}
 	if _, err := e.js.CreateStream(ctx, jetstream.StreamConfig{
 		Name: e.stream, Subjects: []string{e.prefix + ".>"}, Storage: jetstream.FileStorage, Duplicates: 2 * time.Minute,
+		Replicas: cfg.StreamReplicas,
 	}); err != nil {
 		return fail(fmt.Errorf("create scratch stream: %w", err))
 	}
@@ -335,7 +341,7 @@ func setup(ctx context.Context, cfg Config) (*env, func(), error) {
 
 func (e *env) machine(ctx context.Context) Machine {
 	m := Machine{Cores: runtime.NumCPU(), OS: runtime.GOOS + "/" + runtime.GOARCH, Go: runtime.Version(),
-		NATS: e.nc.ConnectedServerVersion(), Storage: "file"}
+		NATS: e.nc.ConnectedServerVersion(), Storage: "file", Replicas: e.cfg.StreamReplicas}
 	_ = e.db.GetContext(ctx, &m.Postgres, `SHOW server_version`)
 	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
 		for _, line := range strings.Split(string(b), "\n") {

@@ -62,7 +62,23 @@ func (s *NATSServer) Start() {
 	}
 	s.srv = srv
 	s.opts.Port = srv.Addr().(*net.TCPAddr).Port
+	if a := srv.ClusterAddr(); a != nil {
+		s.opts.Cluster.Port = a.Port // Cluster.Port -1 picked a free one
+	}
 }
+
+// ClusterAddr is the host:port the server accepts routes on, or "" when it
+// does not cluster. Like the client port, it survives a restart.
+func (s *NATSServer) ClusterAddr() string {
+	if s.opts.Cluster.Port == 0 {
+		return ""
+	}
+	return net.JoinHostPort(s.opts.Cluster.Host, strconv.Itoa(s.opts.Cluster.Port))
+}
+
+// Server is the running server, or nil while it is stopped: for tests
+// that ask it about its connections or its JetStream cluster.
+func (s *NATSServer) Server() *server.Server { return s.srv }
 
 // Stop shuts the server down and waits until it is gone; a no-op when it
 // is not running.
