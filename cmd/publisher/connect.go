@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net/url"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
@@ -18,6 +19,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/pgnats/outbox/internal/redact"
+	"github.com/pgnats/outbox/internal/wire"
 )
 
 // Defaults for local development.
@@ -145,6 +147,9 @@ type natsOptions struct {
 	user, password, token  string
 	nkeyFile, credsFile    string
 	tlsCA, tlsCert, tlsKey string
+	// maxControlLine is the server's max_control_line, which its INFO
+	// does not announce.
+	maxControlLine int
 }
 
 func (o *natsOptions) register(c *command, urlHelp string) {
@@ -157,12 +162,17 @@ func (o *natsOptions) register(c *command, urlHelp string) {
 	c.String(&o.tlsCA, "nats-tls-ca", "", "PEM file of the CA certificates the NATS server's certificate must chain to; TLS is then required")
 	c.String(&o.tlsCert, "nats-tls-cert", "", "PEM client certificate for NATS mutual TLS, with --nats-tls-key; TLS is then required")
 	c.String(&o.tlsKey, "nats-tls-key", "", "PEM private key of --nats-tls-cert")
+	c.Int(&o.maxControlLine, "nats-max-control-line", wire.DefaultMaxControlLine,
+		"the NATS server's max_control_line in bytes (its INFO does not say): an event whose protocol line is longer is FAILED, not sent")
 }
 
 // check reports contradictory or incomplete NATS flags, as a usage error.
 func (o *natsOptions) check(cmd string) error {
 	if err := checkNATSURLs(cmd, o.url); err != nil {
 		return err
+	}
+	if o.maxControlLine < minControlLine {
+		return usagef("%s: --nats-max-control-line %d is below %d bytes, less than any message of the outbox needs", cmd, o.maxControlLine, minControlLine)
 	}
 	var ways []string
 	if o.user != "" || o.password != "" {
@@ -242,6 +252,10 @@ func (o *natsOptions) options() ([]nats.Option, error) {
 	return append(opts, nats.Secure(cfg)), nil
 }
 
+// minControlLine is the least --nats-max-control-line accepted: the
+// protocol line of a one-byte subject with the reply subject and sizes.
+const minControlLine = 128
+
 // env returns the NATS settings as OUTBOX_ environment variables (URL
 // excepted), for a child publisher: secrets stay off its command line.
 func (o *natsOptions) env() []string {
@@ -254,6 +268,9 @@ func (o *natsOptions) env() []string {
 		if v != "" {
 			env = append(env, envName(name)+"="+v)
 		}
+	}
+	if o.maxControlLine != wire.DefaultMaxControlLine {
+		env = append(env, envName("nats-max-control-line")+"="+strconv.Itoa(o.maxControlLine))
 	}
 	return env
 }

@@ -88,7 +88,8 @@ goes to stderr; the counts to stdout.`)
 		return err
 	}
 	defer db.Close()
-	opts := poller.ReplayOptions{SubjectPrefix: prefix, BatchSize: batch, PageBytes: batchBytes, AckTimeout: ackTimeout, DryRun: dryRun}
+	opts := poller.ReplayOptions{SubjectPrefix: prefix, BatchSize: batch, PageBytes: batchBytes, AckTimeout: ackTimeout, DryRun: dryRun,
+		MaxControlLine: nopt.maxControlLine}
 	if dryRun {
 		res, err := poller.Replay(ctx, db, nil, o.table, f, opts, nil)
 		if err != nil {

@@ -208,7 +208,7 @@ join or leave. An entity's events still go out in order.`)
 		PollInterval: o.pollInterval, NoListen: o.noListen, AckTimeout: o.ackTimeout,
 		MaxAttempts: o.maxAttempts, RetryBase: o.retryBase, RetryMax: o.retryMax,
 		BackoffMax: o.backoffMax, LeaderTimeout: o.leaderTimeout, Partitions: o.partitions,
-		ReplicaID: o.replicaID, Logger: log, Metrics: metrics,
+		ReplicaID: o.replicaID, Logger: log, Metrics: metrics, MaxControlLine: o.nats.maxControlLine,
 	}
 	p, err := poller.New(cfg)
 	if err != nil {

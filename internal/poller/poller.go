@@ -45,6 +45,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/pgnats/outbox/internal/wire"
 	"github.com/pgnats/outbox/schema"
 )
 
@@ -88,6 +89,12 @@ type Config struct {
 	NATS *nats.Conn
 	// Table is the events table. Default "events".
 	Table string
+	// MaxControlLine is the NATS server's max_control_line, in bytes,
+	// which the server's INFO does not announce: a row whose protocol line
+	// (subject, reply subject and sizes) is longer is FAILED with the
+	// reason, never sent, since the server would close the connection for
+	// it. Default wire.DefaultMaxControlLine (4096), nats-server's default.
+	MaxControlLine int
 	// BatchSize is the most rows claimed at once. Default 500.
 	BatchSize int
 	// BatchBytes is the most bytes of payload and stored headers claimed
@@ -142,6 +149,7 @@ type Config struct {
 func (c Config) withDefaults() Config {
 	c.Table = cmp.Or(c.Table, schema.DefaultEvents)
 	c.BatchSize = cmp.Or(c.BatchSize, 500)
+	c.MaxControlLine = cmp.Or(c.MaxControlLine, wire.DefaultMaxControlLine)
 	c.BatchBytes = cmp.Or(c.BatchBytes, DefaultBatchBytes)
 	c.PollInterval = cmp.Or(c.PollInterval, time.Second)
 	c.AckTimeout = cmp.Or(c.AckTimeout, 5*time.Second)

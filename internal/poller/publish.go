@@ -278,7 +278,7 @@ func (p *Poller) send(ctx context.Context, b *batch, skip map[string]bool) {
 		// The rule Write applied, again: a row that cannot be published
 		// (written by an older writer, or by SQL) is FAILED with the reason
 		// rather than refused by the client or the server.
-		msg, size, err := message(r, int(p.cfg.NATS.MaxPayload()))
+		msg, size, err := message(r, int(p.cfg.NATS.MaxPayload()), p.cfg.MaxControlLine)
 		if err != nil {
 			b.refuse(r, err.Error(), true)
 			continue
@@ -551,13 +551,13 @@ func wireEvent(r *row) (wire.Event, error) {
 
 // message builds the NATS message of a row with wire.Build, and returns it
 // with its size, or why it cannot be published to a server whose
-// max_payload is maxPayload.
-func message(r *row, maxPayload int) (*nats.Msg, int, error) {
+// max_payload is maxPayload and whose max_control_line is maxControlLine.
+func message(r *row, maxPayload, maxControlLine int) (*nats.Msg, int, error) {
 	ev, err := wireEvent(r)
 	if err != nil {
 		return nil, 0, err
 	}
-	m, size, err := wire.Build(ev, maxPayload)
+	m, size, err := wire.Build(ev, maxPayload, maxControlLine)
 	if err != nil {
 		return nil, 0, fmt.Errorf("stored event %s cannot be published: %w", r.id, err)
 	}

@@ -47,6 +47,11 @@ type ReplayOptions struct {
 	MaxInFlight int
 	// AckTimeout bounds the wait for one PubAck. Default: 30s.
 	AckTimeout time.Duration
+	// MaxControlLine is the NATS server's max_control_line, in bytes (see
+	// Config.MaxControlLine): an event whose replayed message would have a
+	// longer protocol line stops the replay before it is sent. Default
+	// wire.DefaultMaxControlLine (4096).
+	MaxControlLine int
 	// DryRun only counts the events the filter selects.
 	DryRun bool
 }
@@ -229,7 +234,7 @@ func (r *replayer) send(ctx context.Context, ev *row) error {
 		w.Subject = r.o.SubjectPrefix + "." + cmp.Or(w.Subject, w.EntityType+"."+w.Type)
 	}
 	w.Replay = r.o.RunID
-	msg, _, err := wire.Build(w, int(r.js.Conn().MaxPayload()))
+	msg, _, err := wire.Build(w, int(r.js.Conn().MaxPayload()), r.o.MaxControlLine)
 	if err != nil {
 		return fmt.Errorf("replay event %s (seq %d) cannot be published: %w", ev.id, ev.seq, err)
 	}

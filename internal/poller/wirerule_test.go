@@ -101,7 +101,7 @@ func TestReplayOfLargestEvent(t *testing.T) {
 	ev := outbox.Event{EntityType: "order", EntityID: "1", Type: "Changed", Subject: subject,
 		ContentType: "application/octet-stream", Data: []byte{}}
 	_, hdr, err := wire.Build(wire.Worst(wire.Event{Subject: subject, Type: ev.Type, EntityType: ev.EntityType,
-		EntityID: ev.EntityID, Headers: map[string]string{outbox.HeaderContentType: ev.ContentType}}), 0)
+		EntityID: ev.EntityID, Headers: map[string]string{outbox.HeaderContentType: ev.ContentType}}), 0, 0)
 	require.NoError(t, err)
 	ev.Data = make([]byte, wire.DefaultMaxPayload-hdr+1)
 	tx, err := b.db.Beginx()

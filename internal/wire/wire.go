@@ -15,9 +15,12 @@
 //   - a header name is printable ASCII (33-126) except "()/,:;<=>?@[\]{}
 //     (nats.go refuses the message with ErrBadHeaderMsg);
 //   - the HPUB protocol line "<subject> <reply> <header bytes> <total
-//     bytes>" is at most MaxControlLine bytes: a longer one makes the server
-//     close the connection ("maximum control line exceeded"), and nats.go
-//     does not reconnect after that;
+//     bytes>" is at most the server's max_control_line (DefaultMaxControlLine
+//     unless configured): a longer one makes the server close the connection
+//     ("maximum control line exceeded"), and nats.go does not reconnect
+//     after that. The server's INFO does not announce this limit, so it is a
+//     parameter of Build that the writer and the publisher are configured
+//     with;
 //   - the header block, as the client encodes it, is at most MaxHeaderBytes
 //     (JetStream refuses more);
 //   - header block plus payload is at most the server's max_payload
@@ -66,9 +69,10 @@ const (
 
 // Limits of the rule, in bytes.
 const (
-	// MaxControlLine is nats-server's default max_control_line, which
-	// bounds the arguments of a PUB or HPUB line.
-	MaxControlLine = 4096
+	// DefaultMaxControlLine is nats-server's default max_control_line,
+	// which bounds the arguments of a PUB or HPUB line. A server may be
+	// configured with another; its INFO does not say.
+	DefaultMaxControlLine = 4096
 	// ReplyBudget is the room left in the control line for the reply
 	// subject of a JetStream publish; nats.go's is "_INBOX.<6>.<6>", 20
 	// bytes.
@@ -135,11 +139,15 @@ func (e *Error) Error() string { return e.Field + ": " + e.Reason }
 
 // Build returns the NATS message of ev and its size as the client sends it
 // (header block plus payload), or an *Error saying why the client, the
-// server (whose max_payload is maxPayload; 0 means DefaultMaxPayload) or
-// the outbox's own rules refuse it.
-func Build(ev Event, maxPayload int) (*nats.Msg, int, error) {
+// server (whose max_payload is maxPayload, 0 meaning DefaultMaxPayload, and
+// whose max_control_line is maxControlLine, 0 meaning
+// DefaultMaxControlLine) or the outbox's own rules refuse it.
+func Build(ev Event, maxPayload, maxControlLine int) (*nats.Msg, int, error) {
 	if maxPayload <= 0 {
 		maxPayload = DefaultMaxPayload
+	}
+	if maxControlLine <= 0 {
+		maxControlLine = DefaultMaxControlLine
 	}
 	bad := func(field, reason string, args ...any) (*nats.Msg, int, error) {
 		return nil, 0, &Error{Field: field, Reason: fmt.Sprintf(reason, args...)}
@@ -215,9 +223,9 @@ func Build(ev Event, maxPayload int) (*nats.Msg, int, error) {
 		return bad("Data", "the message is %d bytes (payload %d, headers %d with the publisher's), over the maximum of %d",
 			total, len(m.Data), hdr, maxPayload)
 	}
-	if line := ControlLine(len(subject), hdr, total); line > MaxControlLine {
+	if line := ControlLine(len(subject), hdr, total); line > maxControlLine {
 		return bad("Subject", "%d bytes: the protocol line would be %d bytes, over the server's max_control_line of %d",
-			len(subject), line, MaxControlLine)
+			len(subject), line, maxControlLine)
 	}
 	return m, total, nil
 }

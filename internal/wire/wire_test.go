@@ -1,6 +1,7 @@
 package wire_test
 
 import (
+	"cmp"
 	"errors"
 	"math/rand/v2"
 	"strings"
@@ -79,12 +80,12 @@ func TestBuild(t *testing.T) {
 		{"subject with a wildcard", func(e *wire.Event) { e.Subject = "a.*" }, "Subject"},
 		{"header block over 64 KiB", func(e *wire.Event) { e.Headers = map[string]string{"big": long(70_000)} }, "Headers"},
 		{"payload at max_payload with headers", func(e *wire.Event) {
-			m, _, err := wire.Build(*e, 0)
+			m, _, err := wire.Build(*e, 0, 0)
 			require.NoError(t, err)
 			e.Data = make([]byte, wire.DefaultMaxPayload-wire.HeaderSize(m.Header))
 		}, ""},
 		{"payload one byte over max_payload with headers", func(e *wire.Event) {
-			m, _, err := wire.Build(*e, 0)
+			m, _, err := wire.Build(*e, 0, 0)
 			require.NoError(t, err)
 			e.Data = make([]byte, wire.DefaultMaxPayload-wire.HeaderSize(m.Header)+1)
 		}, "Data"},
@@ -92,7 +93,7 @@ func TestBuild(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			ev := event()
 			tc.edit(&ev)
-			m, size, err := wire.Build(ev, 0)
+			m, size, err := wire.Build(ev, 0, 0)
 			if tc.field == "" {
 				require.NoError(t, err)
 				require.Equal(t, m.Size()-len(m.Subject), size)
@@ -106,35 +107,38 @@ func TestBuild(t *testing.T) {
 }
 
 // The control line is what bounds a subject: the longest accepted one
-// makes a line of exactly MaxControlLine bytes.
+// makes a line of exactly the server's max_control_line, the default or
+// one given.
 func TestBuildControlLine(t *testing.T) {
-	ev := event()
-	m, size, err := wire.Build(ev, 0)
-	require.NoError(t, err)
-	hdr := wire.HeaderSize(m.Header)
-	room := wire.MaxControlLine - wire.ControlLine(0, hdr, size)
-	ev.Subject = strings.Repeat("a", room)
-	_, _, err = wire.Build(ev, 0)
-	require.NoError(t, err)
-	ev.Subject += "a"
-	_, _, err = wire.Build(ev, 0)
-	require.ErrorContains(t, err, "max_control_line")
+	for _, limit := range []int{0, 1024} {
+		ev := event()
+		m, size, err := wire.Build(ev, 0, limit)
+		require.NoError(t, err)
+		hdr := wire.HeaderSize(m.Header)
+		room := cmp.Or(limit, wire.DefaultMaxControlLine) - wire.ControlLine(0, hdr, size)
+		ev.Subject = strings.Repeat("a", room)
+		_, _, err = wire.Build(ev, 0, limit)
+		require.NoError(t, err, "limit %d", limit)
+		ev.Subject += "a"
+		_, _, err = wire.Build(ev, 0, limit)
+		require.ErrorContains(t, err, "max_control_line", "limit %d", limit)
+	}
 }
 
 // Worst is never smaller than a real event's message.
 func TestWorstBoundsRealMessages(t *testing.T) {
 	ev := event()
 	ev.Seq, ev.CreatedAt = 1, time.Date(2026, 1, 2, 3, 4, 5, 123456789, time.UTC)
-	_, real, err := wire.Build(ev, 0)
+	_, real, err := wire.Build(ev, 0, 0)
 	require.NoError(t, err)
-	_, worst, err := wire.Build(wire.Worst(ev), 0)
+	_, worst, err := wire.Build(wire.Worst(ev), 0, 0)
 	require.NoError(t, err)
 	require.Greater(t, worst, real)
 	// Ids are 36 bytes and this time has nine digits of nanoseconds, the
 	// longest: only the seq differs, 19 digits against 1, and Worst is
 	// the message as a replay sends it.
 	ev.Replay = strings.Repeat("r", wire.ReplayRunIDLen)
-	_, replayed, err := wire.Build(ev, 0)
+	_, replayed, err := wire.Build(ev, 0, 0)
 	require.NoError(t, err)
 	require.Equal(t, 19-1, worst-replayed)
 }

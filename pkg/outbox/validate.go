@@ -53,7 +53,7 @@ func (w *Writer) prepare(i int, ev Event) (prepared, error) {
 	msg, _, err := wire.Build(wire.Worst(wire.Event{
 		Subject: ev.Subject, Type: ev.Type, EntityType: ev.EntityType, EntityID: ev.EntityID,
 		Data: data, Headers: ev.Headers,
-	}), w.maxBytes)
+	}), w.maxBytes, w.maxLine)
 	var werr *wire.Error
 	switch {
 	case errors.As(err, &werr) && (dataErr == nil || werr.Field != "Data"):

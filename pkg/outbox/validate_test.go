@@ -274,7 +274,7 @@ func worstSize(t *testing.T, ev outbox.Event) int {
 	data, err := json.Marshal(ev.Data)
 	require.NoError(t, err)
 	_, size, err := wire.Build(wire.Worst(wire.Event{Subject: ev.Subject, Type: ev.Type, EntityType: ev.EntityType,
-		EntityID: ev.EntityID, Data: data, Headers: ev.Headers}), 1<<30)
+		EntityID: ev.EntityID, Data: data, Headers: ev.Headers}), 1<<30, 0)
 	require.NoError(t, err)
 	return size
 }

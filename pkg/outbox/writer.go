@@ -26,6 +26,10 @@ import (
 	"github.com/pgnats/outbox/schema"
 )
 
+// DefaultMaxControlLine is the default of Config.MaxControlLine:
+// nats-server's default max_control_line, in bytes.
+const DefaultMaxControlLine = wire.DefaultMaxControlLine
+
 // DefaultMaxBytes is the default limit on an event's size: its message's
 // header block (with every header the publisher adds) plus its payload, as
 // the NATS client sends it. NATS's default max_payload of 1 MiB.
@@ -49,8 +53,8 @@ const (
 // space or a tab (the NATS client trims them) and not holding the text
 // "Nats-Msg-Id" (nats-server 2.9 would then miss the message id); the
 // limits below; and the message, with the headers the publisher adds, within
-// Config.MaxBytes, a 64 KiB header block and the server's 4096-byte protocol
-// line.
+// Config.MaxBytes, a 64 KiB header block and the server's protocol line
+// (Config.MaxControlLine, 4096 bytes by default).
 type Event struct {
 	// EntityType and EntityID name the aggregate the event belongs to;
 	// events of one entity are published in write order. At most
@@ -63,7 +67,8 @@ type Event struct {
 	// Subject is the NATS subject to publish to. Empty means
 	// "<EntityType>.<Type>". Dot-separated tokens, none empty, without
 	// wildcards, whitespace or control characters, and short enough for
-	// the server's protocol line (a little under 4 KiB).
+	// the server's protocol line (a little under Config.MaxControlLine:
+	// the line also holds a reply subject and two sizes).
 	Subject string
 	// Data is the payload, stored and published byte for byte: a consumer
 	// receives exactly these bytes. For JSON (ContentType empty or a JSON
@@ -127,6 +132,14 @@ type Config struct {
 	// at its longest. Default DefaultMaxBytes; keep it at or under the NATS
 	// server's max_payload and the stream's max_msg_size.
 	MaxBytes int
+	// MaxControlLine is the NATS server's max_control_line, in bytes: the
+	// longest protocol line it accepts, which holds the subject. A message
+	// whose line is longer makes the server close the connection, and the
+	// server's INFO does not announce the limit, so set it to the server's
+	// value when that is lower than the default; the publisher's
+	// --nats-max-control-line must say the same. Default
+	// DefaultMaxControlLine (4096).
+	MaxControlLine int
 	// NewID makes event ids. Default uuid.NewV7 (time-ordered).
 	NewID func() (uuid.UUID, error)
 	// Propagator injects the trace context of Write's ctx into each
@@ -143,6 +156,7 @@ type Config struct {
 type Writer struct {
 	table    schema.Name
 	maxBytes int
+	maxLine  int
 	newID    func() (uuid.UUID, error)
 	prop     propagation.TextMapPropagator // nil: the global one
 	insert   string
@@ -158,6 +172,9 @@ func NewWriter(cfg Config) (*Writer, error) {
 	if cfg.MaxBytes < 0 {
 		return nil, fmt.Errorf("outbox: MaxBytes must not be negative, got %d", cfg.MaxBytes)
 	}
+	if cfg.MaxControlLine < 0 {
+		return nil, fmt.Errorf("outbox: MaxControlLine must not be negative, got %d", cfg.MaxControlLine)
+	}
 	newID := cfg.NewID
 	if newID == nil {
 		newID = uuid.NewV7
@@ -165,6 +182,7 @@ func NewWriter(cfg Config) (*Writer, error) {
 	return &Writer{
 		table:    table,
 		maxBytes: cmp.Or(cfg.MaxBytes, DefaultMaxBytes),
+		maxLine:  cmp.Or(cfg.MaxControlLine, DefaultMaxControlLine),
 		newID:    newID,
 		prop:     cfg.Propagator,
 		insert: `INSERT INTO ` + table.Quoted() + `
