@@ -155,10 +155,11 @@ func newQueries(table, leases string, partitions int) queries {
 			FOR UPDATE OF e SKIP LOCKED),
 		h AS MATERIALIZED (SELECT o.entity_type, o.entity_id, min(o.seq) AS first
 			FROM ` + table + ` o
+			JOIN (SELECT DISTINCT c.entity_type, c.entity_id FROM c) k
+			  ON k.entity_type = o.entity_type AND k.entity_id = o.entity_id
 			WHERE o.event_status = 'READY' AND o.seq < (SELECT max(c.seq) FROM c)
-			  AND o.seq <> ALL(coalesce($4::bigint[], '{}'))
-			  AND NOT EXISTS (SELECT 1 FROM c WHERE c.seq = o.seq)
-			  AND EXISTS (SELECT 1 FROM c WHERE c.entity_type = o.entity_type AND c.entity_id = o.entity_id)
+			  AND o.seq NOT IN (SELECT c.seq FROM c)
+			  AND o.seq NOT IN (SELECT unnest(coalesce($4::bigint[], '{}')))
 			GROUP BY o.entity_type, o.entity_id)
 		SELECT c.event_id, c.seq, c.event_target, c.event_type, c.entity_type, c.entity_id,
 			c.event_data, c.headers, c.attempts, c.created_at, coalesce(c.seq > h.first, false) AS held
