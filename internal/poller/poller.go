@@ -220,8 +220,13 @@ type Poller struct {
 	lead     leader
 	parts    *partitions // nil: single-leader mode
 	streams  *streamCache
-	log      *slog.Logger
-	standby  bool // standby already logged
+	// mapped holds subjects no stream filter covers that JetStream stored
+	// anyway (an account subject mapping sends them to a stream): the loop
+	// then publishes them asynchronously like any other. Only the publish
+	// loop uses it; at most subjectsKept entries, then it starts over.
+	mapped  map[string]bool
+	log     *slog.Logger
+	standby bool // standby already logged
 	// dupSince: since when another session holds this replica id; dupErr:
 	// held for longer than dupWait, Run returns it.
 	dupSince time.Time

@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -283,7 +284,10 @@ func (p *Poller) send(ctx context.Context, b *batch, skip map[string]bool) {
 			b.refuse(r, err.Error(), true)
 			continue
 		}
-		if reason, permanent, err := p.preflight(ctx, msg, size); err != nil {
+		if reason, permanent, err := p.preflight(ctx, msg, size); errors.Is(err, errNoStream) {
+			p.sendUncovered(ctx, b, r, msg)
+			continue
+		} else if err != nil {
 			b.outage = err
 			continue
 		} else if reason != "" {
@@ -492,14 +496,20 @@ func refusedByClient(err error) (string, bool) {
 }
 
 // preflight checks that msg, of size bytes (headers and payload), can be
-// stored before it is sent: a stream covers its subject, that stream
+// stored before it is sent: a stream covers its subject (errNoStream when
+// no stream's filter does and the subject was never stored through a
+// mapping: see sendUncovered), that stream
 // acknowledges what it stores (not no_ack), and msg fits the stream's size
 // limit (wire.Build checked the server's). It returns a refusal reason, or
 // an error when JetStream could not be asked.
 func (p *Poller) preflight(ctx context.Context, msg *nats.Msg, size int) (reason string, permanent bool, err error) {
 	si, err := p.streams.lookup(ctx, msg.Subject)
 	if errors.Is(err, errNoStream) {
-		return fmt.Sprintf("no JetStream stream covers subject %q", msg.Subject), false, nil
+		if p.mapped[msg.Subject] {
+			// Stored before through a subject mapping: send it as usual.
+			return "", false, nil
+		}
+		return "", false, errNoStream
 	}
 	if err != nil {
 		return "", false, err
@@ -517,6 +527,66 @@ func (p *Poller) preflight(ctx context.Context, msg *nats.Msg, size int) (reason
 	return "", false, nil
 }
 
+// sendUncovered publishes r's message msg, whose subject no stream's filter
+// covers, synchronously: an account subject mapping may still send it to a
+// stream, which JetStream's list of streams does not show. A PubAck is
+// success, and the subject is remembered (p.mapped) so that later messages
+// to it are sent asynchronously; "no responders" is the refusal that no
+// stream covers the subject, since JetStream was asked and named none. A
+// subject starting with "$" (NATS's own: $JS.API, $SYS, ...) is refused
+// without sending: it would be a request to the server, not an event. The
+// send happens in the loop's order, so an earlier event of r's entity is
+// already sent ahead of it, and a refusal keeps r's later events in the
+// batch from being sent (batch.refuse).
+func (p *Poller) sendUncovered(ctx context.Context, b *batch, r *row, msg *nats.Msg) {
+	noStream := fmt.Sprintf("no JetStream stream covers subject %q", msg.Subject)
+	if strings.HasPrefix(msg.Subject, "$") {
+		b.refuse(r, noStream+", and a subject starting with $ (NATS's own, such as $JS.API or $SYS) is never sent to find out", true)
+		return
+	}
+	sctx, cancel := context.WithTimeout(ctx, p.cfg.AckTimeout)
+	defer cancel()
+	at := time.Now()
+	_, err := p.js.PublishMsg(sctx, msg, noClientRetry)
+	if err == nil {
+		if len(p.mapped) >= subjectsKept {
+			clear(p.mapped)
+		}
+		if p.mapped == nil {
+			p.mapped = map[string]bool{}
+		}
+		p.mapped[msg.Subject] = true
+		b.sent = append(b.sent, inflight{r: r, at: at, answered: true, acked: true})
+		return
+	}
+	if reason, refused := refusedByClient(err); refused {
+		b.refuse(r, reason, true)
+		return
+	}
+	if ctx.Err() != nil {
+		b.outage = fmt.Errorf("publish %s: %w", r.id, ctx.Err())
+		return
+	}
+	b.notStored(r)
+	switch {
+	case errors.Is(err, jetstream.ErrNoStreamResponse):
+		b.refuse(r, noStream+" (a publish to it got no responders)", false)
+	case errors.Is(err, context.DeadlineExceeded):
+		// Only a stream that never answers (no_ack), or none able to
+		// answer in time, leaves a publish that no filter covers without
+		// a reply. Counted as a refusal, so that the event ends FAILED
+		// after MaxAttempts rather than holding its entity forever.
+		b.refuse(r, fmt.Sprintf("%s, and a publish to it got no PubAck within %s", noStream, p.cfg.AckTimeout), false)
+	default:
+		reason, permanent, outage := p.classify(ctx, msg.Subject, err)
+		if outage != nil {
+			b.outage = outage
+			return
+		}
+		b.refuse(r, reason, permanent)
+	}
+}
+
 // classify sorts a publish error: a refusal of this event (with its reason
 // and whether retrying can help), or an outage to back off from.
 func (p *Poller) classify(ctx context.Context, subject string, err error) (reason string, permanent bool, outage error) {
@@ -531,6 +601,7 @@ func (p *Poller) classify(ctx context.Context, subject string, err error) (reaso
 		// "No responders" is a refusal only if JetStream says no stream
 		// covers the subject; otherwise the stream is unavailable.
 		p.streams.forget(subject)
+		delete(p.mapped, subject)
 		if _, lerr := p.streams.lookup(ctx, subject); errors.Is(lerr, errNoStream) {
 			return fmt.Sprintf("no JetStream stream covers subject %q", subject), false, nil
 		}

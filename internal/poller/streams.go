@@ -224,7 +224,7 @@ func CheckStreams(ctx context.Context, db *sql.DB, js jetstream.JetStream, table
 		stream, err := js.StreamNameBySubject(ctx, subj)
 		switch {
 		case errors.Is(err, jetstream.ErrStreamNotFound):
-			log.Warn("no JetStream stream covers a subject the events table uses; its new events will be retried and then FAILED",
+			log.Warn("no JetStream stream covers a subject the events table uses; its events will be retried and then FAILED unless a subject mapping sends them to a stream",
 				"subject", subj, "fix", "create a stream for it, or run publisher with --create-stream")
 			continue
 		case err != nil:
