@@ -15,17 +15,25 @@ import (
 // wait), how long it may wait for a lock, run a statement and sit idle:
 //
 //	transaction  lock_timeout      statement_timeout  idle_in_transaction_session_timeout
-//	claim        LeaderTimeout/5   idleInTx           idleInTx (it waits for acks)
+//	claim        LeaderTimeout/5   none; idleInTx/2   idleInTx (it waits for acks)
+//	                               with a batch
+//	                               in flight
 //	lease round  LeaderTimeout/5   LeaderTimeout      LeaderTimeout/2
 //	leave        LeaderTimeout/5   LeaderTimeout      LeaderTimeout/2
 //
 // A claim or a lease round that times out is an error like any other: the
 // claim backs the loop off, a failed lease round only postpones the next
 // one (Run keeps publishing the leases held). The round's own lock is only
-// tried (leases.go). The lock session (leader.go)
+// tried (leases.go). The claim's statements have no statement_timeout: a
+// claim over a large backlog blocked behind a FAILED event may take long,
+// and a bound would fail it every time, so nothing would be published.
+// lock_timeout bounds its waits for locks and
+// idle_in_transaction_session_timeout ends it when its process freezes
+// between statements; a statement running in PostgreSQL is not stalled by
+// a frozen client (it runs to its end, then the transaction sits idle). The lock session (leader.go)
 // sets session-wide bounds when it connects, before it takes any lock.
 type txLimits struct {
-	lock, statement, idle time.Duration
+	lock, statement, idle time.Duration // statement 0: no statement_timeout
 }
 
 // setLimitsSQL applies txLimits to the current transaction only.
@@ -35,7 +43,11 @@ const setLimitsSQL = `SELECT set_config('lock_timeout', $1, true),
 
 // args are the values of setLimitsSQL's parameters.
 func (l txLimits) args() []any {
-	return []any{pgDuration(l.lock), pgDuration(l.statement), pgDuration(l.idle)}
+	statement := "0" // off, whatever the role or database sets
+	if l.statement > 0 {
+		statement = pgDuration(l.statement)
+	}
+	return []any{pgDuration(l.lock), statement, pgDuration(l.idle)}
 }
 
 // pgDuration formats d as a PostgreSQL time setting, at least 1 ms (0 would
@@ -45,10 +57,24 @@ func pgDuration(d time.Duration) string {
 }
 
 // claimLimits bound a claim transaction. It may sit idle while its batch
-// waits for acks, so only idleInTx ends a frozen one.
-func (p *Poller) claimLimits() txLimits {
-	return txLimits{lock: p.lockWait(), statement: p.idleInTx(), idle: p.idleInTx()}
+// waits for acks, so only idleInTx ends a frozen one. Its statements have
+// no statement_timeout (see above), except while a batch is in flight
+// (ahead): that batch's transaction sits idle until the claim ends, so the
+// claim must end well before idleInTx would end it (pipelinedClaimMax). A
+// pipelined claim that times out, or any claim that takes more than half of
+// that, makes the loop stop pipelining (Poller.slowClaims) until a claim is
+// quick again: slow claims then run one after the other, unbounded.
+func (p *Poller) claimLimits(ahead bool) txLimits {
+	l := txLimits{lock: p.lockWait(), idle: p.idleInTx()}
+	if ahead {
+		l.statement = p.pipelinedClaimMax()
+	}
+	return l
 }
+
+// pipelinedClaimMax is the statement_timeout of a claim made while a batch
+// is in flight.
+func (p *Poller) pipelinedClaimMax() time.Duration { return p.idleInTx() / 2 }
 
 // leaseLimits bound a lease round or a leave: short statements, nothing to
 // wait for in between, so a frozen one ends within LeaderTimeout/2.

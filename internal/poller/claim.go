@@ -54,15 +54,24 @@ type queries struct {
 //  2. take the barrier keys shared (see leader.go and leases.go) and commit
 //     asynchronously: a mark lost in a database crash only means the rows
 //     are sent again, which Nats-Msg-Id and pkg/dedup absorb;
-//  3. select READY rows that are due, in seq order, up to a number of rows
-//     and of bytes (always at least one row), skipping rows locked by
-//     anyone else, rows whose entity has an earlier event that is FAILED
-//     or waiting for a retry (attempts > 0, available_at in the future),
-//     and rows of the entities held back by recent claims (see 4); the
+//  3. lock READY rows that are due, in seq order, up to a number of rows,
+//     skipping rows locked by anyone else (the batch in flight included),
+//     rows whose entity has an earlier event that is FAILED or waiting for
+//     a retry (attempts > 0, available_at in the future), and rows of the
+//     entities held back by recent claims (see 4), reading only their seq,
+//     entity and size (rowBytesSQL; no payload); keep of them the first, in
+//     seq order, within a number of bytes (always at least one row); the
 //     fence makes the select empty when this process lost leadership, and
-//     in partitioned mode limits it to the partitions it leases;
-//  4. mark held, among the rows selected, every row that has an earlier
-//     READY event of its entity which is neither selected by this claim
+//     in partitioned mode limits it to the partitions it leases. The budget
+//     counts only rows this claim locked: rows locked by another session
+//     (or by the batch in flight) never use it up. Rows locked but not kept
+//     come after every kept row in seq order; they stay READY, unsent and
+//     locked by this transaction until it ends, and count for the next
+//     claims as rows locked by another session (see 4), so no later event
+//     of their entity goes out ahead of them; the cost is that a pipelined
+//     claim that meets one holds its entity back for HeldFor;
+//  4. mark held, among the rows kept, every row that has an earlier
+//     READY event of its entity which is neither kept by this claim
 //     nor sent by this publisher in the batch still in flight (the
 //     inflight seqs): a row locked by another session (an operator's
 //     SELECT … FOR UPDATE, a long UPDATE, a migration) that SKIP LOCKED
@@ -72,21 +81,33 @@ type queries struct {
 //     out of the next claims for a while (HeldFor) so that its rows do not
 //     fill batch after batch. This is the rule of order: an event is sent
 //     only when every earlier event of its entity is SUCCESS or was sent
-//     ahead of it by this publisher, in seq order.
+//     ahead of it by this publisher, in seq order;
+//  5. read the payloads of the rows kept, by seq.
 //
-// In SQL, with c the rows selected in step 3 and F the inflight seqs:
+// In SQL, with R the row limit, B the byte budget, F the inflight seqs
+// and ok(e) the conditions of step 3 (due, not held back, fenced):
 //
+//	l = SELECT seq, entity, size FROM events e WHERE ok(e)
+//	    ORDER BY seq LIMIT R FOR UPDATE SKIP LOCKED
+//	c = SELECT seq, entity FROM (SELECT *, sum(size) OVER (ORDER BY seq) AS running FROM l)
+//	    WHERE running <= B OR running = size
 //	held(e) = EXISTS (SELECT 1 FROM events b
 //	                  WHERE b.entity = e.entity AND b.seq < e.seq
 //	                    AND b.event_status = 'READY'
 //	                    AND b.seq NOT IN (SELECT seq FROM c)
 //	                    AND b.seq <> ALL(F))
+//	SELECT e.*, held(e) FROM c JOIN events e USING (seq) ORDER BY seq
 //
-// computed for all of c at once: the READY rows below c's last seq that
-// are neither in c nor in F, grouped by entity, each entity's smallest seq
-// (its rows in c after that seq are held). That reads the READY rows below
-// the batch, which the select of step 3 has just read too: the rows
-// skipped, blocked or held, and the batch in flight.
+// held is computed for all of c at once: the READY rows below c's last seq
+// that are neither in c nor in F, grouped by entity, each entity's smallest
+// seq (its rows in c after that seq are held). That reads the READY rows
+// below the batch, which the select of step 3 has just read too: the rows
+// skipped, blocked or held, and the batch in flight. A row of l not in c
+// has a seq above all of c, so it holds nothing back in this claim.
+//
+// The claim's statements run without a statement_timeout (claimLimits): a
+// claim over a large blocked backlog may be slow, and a bound would make it
+// fail every time, publishing nothing.
 func newQueries(table, leases string, partitions int) queries {
 	// due selects rows e that may be published now.
 	due := `e.event_status = 'READY' AND e.available_at <= now()
@@ -118,52 +139,45 @@ func newQueries(table, leases string, partitions int) queries {
 		}
 		return fenceSQL(n, n+1, n+2) + ` AND ` + ours(n, live)
 	}
-	// notHeld leaves out the entities held back by recent claims ($5, $6:
+	// notHeld leaves out the entities held back by recent claims ($4, $5:
 	// their types and ids).
-	notHeld := `NOT EXISTS (SELECT 1 FROM unnest($5::text[], $6::text[]) x(t, i)
+	notHeld := `NOT EXISTS (SELECT 1 FROM unnest($4::text[], $5::text[]) x(t, i)
 				WHERE x.t = e.entity_type AND x.i = e.entity_id)`
 	q := queries{
 		begin: `SELECT pg_advisory_xact_lock_shared($1, $2::bigint::oid::int),
 			set_config('synchronous_commit', 'off', true),
 			(SELECT count(pg_advisory_xact_lock_shared(` + partitionKeySQL(2, "k") + `)) FROM unnest($3::int[]) k)`,
 		probe: `SELECT EXISTS (SELECT 1 FROM ` + table + ` e WHERE ` + due + `)`,
-		// The claim reads sizes first (octet_length does not detoast) to
-		// find the last seq within the byte budget; a window function
-		// cannot share a SELECT with FOR UPDATE. The rows the budget allows
-		// are then locked as before, up to that seq. Rows locked by the
-		// batch in flight are among those the budget counts (they are due
-		// and first in seq order) and are then skipped.
-		claim: `WITH c AS MATERIALIZED (
-			SELECT e.event_id, e.seq, e.event_target, e.event_type, e.entity_type, e.entity_id,
-				e.event_data, e.headers, e.attempts, e.created_at
+		// The claim locks first, reading sizes only (octet_length does not
+		// detoast), then keeps the rows the byte budget allows among those
+		// it locked (a window function cannot share a SELECT with FOR
+		// UPDATE), then reads the payloads of the rows kept.
+		claim: `WITH l AS MATERIALIZED (
+			SELECT e.seq, e.entity_type, e.entity_id, ` + rowBytesSQL("e") + ` AS size
 			FROM ` + table + ` e
 			WHERE ` + due + `
 			  AND ` + notHeld + `
-			  AND ` + fence(7, true) + `
-			  AND e.seq <= (SELECT max(s.seq) FROM (
-				SELECT e.seq, ` + rowBytesSQL("e") + ` AS size,
-					sum(` + rowBytesSQL("e") + `) OVER (ORDER BY e.seq ROWS UNBOUNDED PRECEDING) AS running
-				FROM ` + table + ` e
-				WHERE ` + due + `
-				  AND ` + notHeld + `
-				  AND ` + ours(7, true) + `
-				ORDER BY e.seq
-				LIMIT $2) s
-				WHERE s.running <= $3 OR s.running = s.size)
+			  AND ` + fence(6, true) + `
 			ORDER BY e.seq
 			LIMIT $1
 			FOR UPDATE OF e SKIP LOCKED),
+		c AS MATERIALIZED (SELECT s.seq, s.entity_type, s.entity_id
+			FROM (SELECT l.seq, l.entity_type, l.entity_id, l.size,
+					sum(l.size) OVER (ORDER BY l.seq ROWS UNBOUNDED PRECEDING) AS running
+				FROM l) s
+			WHERE s.running <= $2 OR s.running = s.size),
 		h AS MATERIALIZED (SELECT o.entity_type, o.entity_id, min(o.seq) AS first
 			FROM ` + table + ` o
 			JOIN (SELECT DISTINCT c.entity_type, c.entity_id FROM c) k
 			  ON k.entity_type = o.entity_type AND k.entity_id = o.entity_id
 			WHERE o.event_status = 'READY' AND o.seq < (SELECT max(c.seq) FROM c)
 			  AND o.seq NOT IN (SELECT c.seq FROM c)
-			  AND o.seq NOT IN (SELECT unnest(coalesce($4::bigint[], '{}')))
+			  AND o.seq NOT IN (SELECT unnest(coalesce($3::bigint[], '{}')))
 			GROUP BY o.entity_type, o.entity_id)
-		SELECT c.event_id, c.seq, c.event_target, c.event_type, c.entity_type, c.entity_id,
-			c.event_data, c.headers, c.attempts, c.created_at, coalesce(c.seq > h.first, false) AS held
-		FROM c LEFT JOIN h ON h.entity_type = c.entity_type AND h.entity_id = c.entity_id
+		SELECT e.event_id, e.seq, e.event_target, e.event_type, e.entity_type, e.entity_id,
+			e.event_data, e.headers, e.attempts, e.created_at, coalesce(c.seq > h.first, false) AS held
+		FROM c JOIN ` + table + ` e ON e.seq = c.seq
+		LEFT JOIN h ON h.entity_type = c.entity_type AND h.entity_id = c.entity_id
 		ORDER BY c.seq`,
 		markDone: `UPDATE ` + table + ` e
 			SET event_status = 'SUCCESS', published_at = now()
@@ -219,14 +233,14 @@ func (p *Poller) fenceArgs() []any {
 }
 
 // claimBudget bounds a claim: at most rows rows, whose bytes (rowBytesSQL)
-// stay within bytes, except that the first due row is always taken, however
-// large. ahead and aheadBytes are the rows and bytes of the batch still in
-// flight: its rows, still READY and locked by this process, come first
-// among the due rows, so the claim plans past them and then skips them.
+// stay within bytes, except that the first row claimed is always taken,
+// however large. The rows of the batch still in flight, READY and locked
+// by this process's other transaction, are skipped and count in neither.
 type claimBudget struct {
-	rows, ahead       int
-	bytes, aheadBytes int64
-	inflight          []int64 // seqs of the rows the batch in flight sent
+	rows     int
+	ahead    bool // a batch is in flight, its transaction idle meanwhile
+	bytes    int64
+	inflight []int64 // seqs of the rows the batch in flight sent
 }
 
 // claim opens the claim transaction and reads the rows b allows. The caller
@@ -276,7 +290,7 @@ func (p *Poller) claim(ctx context.Context, b claimBudget, probe bool) (*sql.Tx,
 	}
 	limits, err := p.stmt(ctx, tx, setLimitsSQL)
 	if err == nil {
-		_, err = limits.ExecContext(ctx, p.claimLimits().args()...)
+		_, err = limits.ExecContext(ctx, p.claimLimits(b.ahead).args()...)
 	}
 	var begin *sql.Stmt
 	if err == nil {
@@ -299,11 +313,15 @@ func (p *Poller) claim(ctx context.Context, b claimBudget, probe bool) (*sql.Tx,
 		return nil, nil, fmt.Errorf("claim batch: %w", err)
 	}
 	heldTypes, heldIDs := p.heldBack()
-	args := append([]any{b.rows, b.rows + b.ahead, b.bytes + b.aheadBytes, pq.Array(b.inflight),
+	args := append([]any{b.rows, b.bytes, pq.Array(b.inflight),
 		pq.Array(heldTypes), pq.Array(heldIDs)}, p.fenceArgs()...)
+	claimStart := time.Now()
 	rows, err := claim.QueryContext(ctx, args...)
 	if err != nil {
 		tx.Rollback() //nolint:errcheck
+		if b.ahead && statementTimeout(err) {
+			p.slowClaims = true
+		}
 		if replanned(err) {
 			p.closeStmts()
 		}
@@ -314,6 +332,7 @@ func (p *Poller) claim(ctx context.Context, b claimBudget, probe bool) (*sql.Tx,
 		tx.Rollback() //nolint:errcheck
 		return nil, nil, fmt.Errorf("claim batch: %w", err)
 	}
+	p.slowClaims = time.Since(claimStart) > p.pipelinedClaimMax()/2
 	return tx, p.holdBack(out), nil
 }
 
@@ -470,6 +489,13 @@ func (p *Poller) stmt(ctx context.Context, tx *sql.Tx, query string) (*sql.Stmt,
 		return tx.StmtContext(ctx, s), nil
 	}
 	return s, nil
+}
+
+// statementTimeout reports whether err is PostgreSQL cancelling a
+// statement at its statement_timeout.
+func statementTimeout(err error) bool {
+	var pe *pq.Error
+	return errors.As(err, &pe) && pe.Code == "57014"
 }
 
 // replanned reports whether err is PostgreSQL refusing a prepared

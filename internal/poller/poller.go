@@ -235,9 +235,12 @@ type Poller struct {
 	inflight *batch                // sent, not yet finished; see step
 	held     map[string]heldEntity // entities the claims leave out for now; see holdBack
 	busy     bool                  // the last claim found rows
-	suspect  bool                  // a batch hit an outage: ask the broker before claiming
-	faults   int                   // tries in a row that failed with a lasting database error; see noteFault
-	fault    atomic.Pointer[Fault] // see Fault
+	// slowClaims: the last claim took long (see claimLimits); the loop
+	// claims only once the batch ahead is finished.
+	slowClaims bool
+	suspect    bool                  // a batch hit an outage: ask the broker before claiming
+	faults     int                   // tries in a row that failed with a lasting database error; see noteFault
+	fault      atomic.Pointer[Fault] // see Fault
 	// carefulUntil: until then, one event per entity a batch and no
 	// pipelining (see carefulFor).
 	carefulUntil time.Time

@@ -100,9 +100,9 @@ func (p *Poller) step(ctx context.Context) (n int, healthy bool, err error) {
 	prev := p.inflight
 	p.inflight = nil
 	finished := false
-	if prev != nil && p.careful() {
-		// No pipelining while careful: the batch ahead is finished before
-		// the next claim.
+	if prev != nil && (p.careful() || p.slowClaims) {
+		// No pipelining while careful, or while claims are slow (see
+		// claimLimits): the batch ahead is finished before the next claim.
 		if err := p.finish(ctx, prev); err != nil {
 			return 0, false, err
 		}
@@ -187,9 +187,8 @@ func (p *Poller) drain(ctx context.Context) error {
 // storing this batch a few milliseconds later.
 func (p *Poller) start(ctx context.Context, skip map[string]bool, ahead *batch) (*batch, error) {
 	started := time.Now()
-	budget := claimBudget{rows: p.cfg.BatchSize, bytes: int64(p.cfg.BatchBytes)}
+	budget := claimBudget{rows: p.cfg.BatchSize, bytes: int64(p.cfg.BatchBytes), ahead: ahead != nil}
 	if ahead != nil {
-		budget.ahead, budget.aheadBytes = len(ahead.rows), ahead.bytes()
 		for _, s := range ahead.sent {
 			budget.inflight = append(budget.inflight, s.r.seq)
 		}
