@@ -67,3 +67,40 @@ no_auth_user: u
 	require.Contains(t, lastError, "no responders")
 	requireOnceInOrder(t, b.received(t), 12)
 }
+
+// A subject mapped to a stream that never acknowledges (no_ack) gets no
+// PubAck: that is the event's refusal, not an outage, so it ends FAILED
+// instead of holding the loop, and the batch waits for such an answer once
+// (the second entity's event is left for a later batch, not sent behind
+// the first). Events on covered subjects flow meanwhile.
+func TestMappedSubjectWithoutAckIsRefused(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	conf := filepath.Join(dir, "nats.conf")
+	require.NoError(t, os.WriteFile(conf, []byte(fmt.Sprintf(`
+jetstream { store_dir: %q }
+accounts { A { jetstream: enabled, users: [{user: u, password: p}],
+	mappings: { "quiet.*": "mute.{{wildcard(1)}}" } } }
+no_auth_user: u
+`, dir)), 0o600))
+	opts, err := server.ProcessConfigFile(conf)
+	require.NoError(t, err)
+	srv := testenv.StartNATSServer(t, opts)
+	nc, js := srv.Connect(t)
+	b := newBundle(t, nc, js)
+	b.createStream(t, jetstream.StreamConfig{Subjects: []string{"mute.>"}, NoAck: true, Storage: jetstream.MemoryStorage})
+	b.createStream(t, jetstream.StreamConfig{Name: "LOUD", Subjects: []string{"loud.>"}, Storage: jetstream.MemoryStorage})
+	b.write(t,
+		outbox.Event{EntityType: "order", EntityID: "a", Type: "Changed", Subject: "quiet.a", Data: json.RawMessage(`{}`)},
+		outbox.Event{EntityType: "order", EntityID: "b", Type: "Changed", Subject: "quiet.b", Data: json.RawMessage(`{}`)},
+		outbox.Event{EntityType: "order", EntityID: "c", Type: "Changed", Subject: "loud.c", Data: json.RawMessage(`{}`)})
+	cfg := fastConfig()
+	cfg.AckTimeout = time.Second
+	cfg.MaxAttempts = 2
+	b.start(t, cfg)
+	testenv.Eventually(t, 40*time.Second, func() bool { return b.db.Count(t, "FAILED") == 2 }, "both mapped events FAILED")
+	require.Equal(t, 1, b.db.Count(t, "SUCCESS"))
+	var lastError string
+	require.NoError(t, b.db.Get(&lastError, `SELECT coalesce(min(last_error), '') FROM events WHERE event_status = 'FAILED'`))
+	require.Contains(t, lastError, "no PubAck")
+}

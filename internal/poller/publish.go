@@ -68,6 +68,10 @@ type batch struct {
 	// this batch's mark records the refusal.
 	refusedEntities map[string]bool
 	outage          error // sending stopped: the broker could not be asked or reached
+	// unanswered: a message of this batch that no stream's filter covers
+	// got no PubAck in time (sendUncovered); the batch sends no other such
+	// message, so that it waits --ack-timeout at most once.
+	unanswered bool
 	// next is the batch claimed and sent while this one was in flight.
 	next *batch
 	// unstored maps an entity to its earliest event this batch sent that
@@ -536,11 +540,19 @@ func (p *Poller) preflight(ctx context.Context, msg *nats.Msg, size int) (reason
 // without sending: it would be a request to the server, not an event. The
 // send happens in the loop's order, so an earlier event of r's entity is
 // already sent ahead of it, and a refusal keeps r's later events in the
-// batch from being sent (batch.refuse).
+// batch from being sent (batch.refuse). After one such message of the batch
+// got no PubAck in time, the others are left READY for a later batch
+// unsent, so that a batch waits for an answer that may never come once.
 func (p *Poller) sendUncovered(ctx context.Context, b *batch, r *row, msg *nats.Msg) {
 	noStream := fmt.Sprintf("no JetStream stream covers subject %q", msg.Subject)
 	if strings.HasPrefix(msg.Subject, "$") {
 		b.refuse(r, noStream+", and a subject starting with $ (NATS's own, such as $JS.API or $SYS) is never sent to find out", true)
+		return
+	}
+	if b.unanswered {
+		// Not sent: the row stays READY for a later batch, and its
+		// entity's later rows wait with it.
+		b.refusedEntities[r.entity()] = true
 		return
 	}
 	sctx, cancel := context.WithTimeout(ctx, p.cfg.AckTimeout)
@@ -576,6 +588,7 @@ func (p *Poller) sendUncovered(ctx context.Context, b *batch, r *row, msg *nats.
 		// a reply. Counted as a refusal, so that the event ends FAILED
 		// after MaxAttempts rather than holding its entity forever.
 		b.refuse(r, fmt.Sprintf("%s, and a publish to it got no PubAck within %s", noStream, p.cfg.AckTimeout), false)
+		b.unanswered = true
 	default:
 		reason, permanent, outage := p.classify(ctx, msg.Subject, err)
 		if outage != nil {
