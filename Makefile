@@ -28,7 +28,7 @@ bench:
 # The fault-injection suite (docs/RELIABILITY.md): the real publisher binary
 # under SIGKILL, SIGTERM, terminated backends, broker outages and more.
 faults:
-	$(GO) test -tags faults -run TestFaults -count=1 -timeout 30m -v ./integration/
+	$(GO) test -tags faults -run TestFaults -count=1 -timeout 60m -v ./integration/
 
 fmt:
 	gofmt -w $$(git ls-files '*.go')
