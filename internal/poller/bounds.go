@@ -12,7 +12,9 @@ import (
 // waiting for one of them stops publishing while it waits. So every
 // transaction the loop opens first sets, in a statement of its own (a
 // setting changed in the statement that waits does not apply to that
-// wait), how long it may wait for a lock, run a statement and sit idle:
+// wait; the claim sends that statement in the same round trip as the next
+// one, claimBeginSQL), how long it may wait for a lock, run a statement and
+// sit idle:
 //
 //	transaction  lock_timeout      statement_timeout  idle_in_transaction_session_timeout
 //	claim        LeaderTimeout/5   none; idleInTx/2   idleInTx (it waits for acks)

@@ -32,7 +32,6 @@ func (r *row) entity() string { return r.entityType + "\x00" + r.entityID }
 // queries holds the SQL of one events table, built once from its quoted name.
 type queries struct {
 	probe      string
-	begin      string
 	claim      string
 	markDone   string
 	markRetry  string
@@ -50,10 +49,11 @@ type queries struct {
 //
 //  1. bound how long the transaction may wait for a lock and sit idle, so
 //     a frozen leader's row locks expire (claimLimits, in a statement of its
-//     own, before anything waits: bounds.go);
+//     own, before anything waits: bounds.go; claimBeginSQL);
 //  2. take the barrier keys shared (see leader.go and leases.go) and commit
 //     asynchronously: a mark lost in a database crash only means the rows
-//     are sent again, which Nats-Msg-Id and pkg/dedup absorb;
+//     are sent again, which Nats-Msg-Id and pkg/dedup absorb. Steps 1 and 2
+//     are two statements sent in one round trip;
 //  3. lock READY rows that are due, in seq order, up to a number of rows,
 //     skipping rows locked by anyone else (the batch in flight included),
 //     rows whose entity has an earlier event that is FAILED or waiting for
@@ -144,9 +144,6 @@ func newQueries(table, leases string, partitions int) queries {
 	notHeld := `NOT EXISTS (SELECT 1 FROM unnest($4::text[], $5::text[]) x(t, i)
 				WHERE x.t = e.entity_type AND x.i = e.entity_id)`
 	q := queries{
-		begin: `SELECT pg_advisory_xact_lock_shared($1, $2::bigint::oid::int),
-			set_config('synchronous_commit', 'off', true),
-			(SELECT count(pg_advisory_xact_lock_shared(` + partitionKeySQL(2, "k") + `)) FROM unnest($3::int[]) k)`,
 		probe: `SELECT EXISTS (SELECT 1 FROM ` + table + ` e WHERE ` + due + `)`,
 		// The claim locks first, reading sizes only (octet_length does not
 		// detoast), then keeps the rows the byte budget allows among those
@@ -199,6 +196,32 @@ func newQueries(table, leases string, partitions int) queries {
 			  AND l.expires_at > statement_timestamp()) = cardinality($5::int[])`, leases, partitions)
 	}
 	return q
+}
+
+// claimBeginSQL is steps 1 and 2 of the claim (see newQueries): two
+// statements of the simple query protocol, sent in one round trip, so the
+// bounds set by the first apply to the lock waits of the second. Every
+// value is a number, written as a literal.
+//
+// It also turns JIT off for the transaction: a claim reads a few hundred
+// rows and never gains from compiling its expressions, and the plans a
+// claim may get on stale statistics cost enough to pass the JIT thresholds
+// (a second or more of compiling a claim, measured).
+func claimBeginSQL(l txLimits, ns int, tableOID int64, parts []int) string {
+	var b strings.Builder
+	v := l.args() // durations as PostgreSQL reads them: digits and "ms"
+	fmt.Fprintf(&b, `SELECT set_config('lock_timeout', '%s', true),
+		set_config('statement_timeout', '%s', true),
+		set_config('idle_in_transaction_session_timeout', '%s', true),
+		set_config('jit', 'off', true);
+		SELECT pg_advisory_xact_lock_shared(%d, %d::bigint::oid::int),
+		set_config('synchronous_commit', 'off', true)`,
+		v[0], v[1], v[2], ns, tableOID)
+	for _, k := range parts {
+		fmt.Fprintf(&b, `,
+		pg_advisory_xact_lock_shared(%s)`, partitionKey(tableOID, k))
+	}
+	return b.String()
 }
 
 // rowBytesSQL is what a row of the events table aliased alias counts
@@ -288,22 +311,11 @@ func (p *Poller) claim(ctx context.Context, b claimBudget, probe bool) (*sql.Tx,
 	if err != nil {
 		return nil, nil, fmt.Errorf("begin claim: %w", err)
 	}
-	limits, err := p.stmt(ctx, tx, setLimitsSQL)
-	if err == nil {
-		_, err = limits.ExecContext(ctx, p.claimLimits(b.ahead).args()...)
+	ns := barrierNamespace
+	if p.parts != nil {
+		ns = partsBarrierNamespace
 	}
-	var begin *sql.Stmt
-	if err == nil {
-		begin, err = p.stmt(ctx, tx, p.q.begin)
-	}
-	if err == nil {
-		ns := barrierNamespace
-		if p.parts != nil {
-			ns = partsBarrierNamespace
-		}
-		_, err = begin.ExecContext(ctx, ns, p.tableOID, pq.Array(held))
-	}
-	if err != nil {
+	if _, err = tx.ExecContext(ctx, claimBeginSQL(p.claimLimits(b.ahead), ns, p.tableOID, held)); err != nil {
 		tx.Rollback() //nolint:errcheck
 		return nil, nil, fmt.Errorf("begin claim: %w", err)
 	}

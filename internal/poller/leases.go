@@ -103,6 +103,12 @@ func partitionKeySQL(oidParam int, k string) string {
 	return fmt.Sprintf(`(($%d::bigint << 32) | %d | %s)`, oidParam, partitionKeyTag<<16, k)
 }
 
+// partitionKey is partitionKeySQL's key of partition k of the table whose
+// oid is tableOID, as a literal.
+func partitionKey(tableOID int64, k int) string {
+	return fmt.Sprintf(`%d`, tableOID<<32|partitionKeyTag<<16|int64(k))
+}
+
 // partitionSQL is the partition of the entity of row alias e, out of count.
 func partitionSQL(count int) string {
 	return fmt.Sprintf(`(((hashtextextended(e.entity_type || '/' || e.entity_id, 0) %% %[1]d) + %[1]d) %% %[1]d)::int`, count)
