@@ -105,6 +105,14 @@ type queries struct {
 // skipped, blocked or held, and the batch in flight. A row of l not in c
 // has a seq above all of c, so it holds nothing back in this claim.
 //
+// The READY rows below the batch are read in one range scan of the READY
+// index; the test that a row's entity is among c's is a hash lookup (the
+// IN is wrapped in coalesce so that PostgreSQL does not turn it into a
+// join). As a join, on statistics that predate the backlog, the planner
+// scanned that whole range once for each entity of c: 500 × 1,000 rows,
+// 105 ms a batch, measured with 100,000 SUCCESS rows analyzed before a
+// backlog of 5,000.
+//
 // The claim's statements run without a statement_timeout (claimLimits): a
 // claim over a large blocked backlog may be slow, and a bound would make it
 // fail every time, publishing nothing.
@@ -165,11 +173,10 @@ func newQueries(table, leases string, partitions int) queries {
 			WHERE s.running <= $2 OR s.running = s.size),
 		h AS MATERIALIZED (SELECT o.entity_type, o.entity_id, min(o.seq) AS first
 			FROM ` + table + ` o
-			JOIN (SELECT DISTINCT c.entity_type, c.entity_id FROM c) k
-			  ON k.entity_type = o.entity_type AND k.entity_id = o.entity_id
 			WHERE o.event_status = 'READY' AND o.seq < (SELECT max(c.seq) FROM c)
 			  AND o.seq NOT IN (SELECT c.seq FROM c)
 			  AND o.seq NOT IN (SELECT unnest(coalesce($3::bigint[], '{}')))
+			  AND coalesce((o.entity_type, o.entity_id) IN (SELECT c.entity_type, c.entity_id FROM c), false)
 			GROUP BY o.entity_type, o.entity_id)
 		SELECT e.event_id, e.seq, e.event_target, e.event_type, e.entity_type, e.entity_id,
 			e.event_data, e.headers, e.attempts, e.created_at, coalesce(c.seq > h.first, false) AS held
