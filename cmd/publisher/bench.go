@@ -24,6 +24,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		natsOpts       natsOptions
 		rates          string
 		replicas       string
+		scale          string
 		asJSON, noIdle bool
 		sweep          bool
 		plotFile       string
@@ -49,6 +50,7 @@ Takes about a minute with the defaults.`)
 	c.Duration(&cfg.Duration, "duration", 20*time.Second, "length of each latency run")
 	c.Int(&cfg.Writers, "writers", 4, "concurrent writers in the writer-throughput runs")
 	c.String(&replicas, "replicas", "", "also drain the backlog with each of these numbers of publishers run with --partitions, e.g. 1,2,3 (in this process, each on its own NATS connection)")
+	c.String(&scale, "scale", "", "also drain the backlog in a table already holding each of these numbers of SUCCESS rows, e.g. 0,1000000")
 	c.Int(&cfg.Partitions, "partitions", 12, "with --replicas: the partition count")
 	c.Int(&cfg.StreamReplicas, "stream-replicas", 1, "replicas of the scratch stream (3 on a JetStream cluster measures a replicated stream; --nats-url may list every node)")
 	c.Bool(&noIdle, "no-idle", false, "skip the idle CPU and memory measurement")
@@ -74,6 +76,15 @@ Takes about a minute with the defaults.`)
 	if replicas != "" {
 		if cfg.Replicas, err = positiveInts("replicas", replicas); err != nil {
 			return err
+		}
+	}
+	if scale != "" {
+		for _, v := range strings.Split(scale, ",") {
+			n, err := strconv.Atoi(strings.TrimSpace(v))
+			if err != nil || n < 0 {
+				return usagef("bench: --scale %q: use numbers of rows separated by commas", scale)
+			}
+			cfg.Scale = append(cfg.Scale, n)
 		}
 	}
 	if cfg.Partitions < 1 || cfg.Partitions > poller.MaxPartitions {
@@ -182,6 +193,10 @@ func printBench(w io.Writer, r *bench.Result) {
 	if r.IdleCPU != nil {
 		fmt.Fprintf(tw, "idle publisher CPU\t%.2f\t%% of a core\t\n", *r.IdleCPU)
 		fmt.Fprintf(tw, "idle publisher RSS\t%.1f\tMiB\t\n", *r.RSSMiB)
+	}
+	for _, sp := range r.Scale {
+		fmt.Fprintf(tw, "drain over %d SUCCESS rows\t%.0f\tevents/s\t\n", sp.SuccessRows, sp.EventsPerSec)
+		fmt.Fprintf(tw, "  its CPU, PostgreSQL\t%.1f\tµs/event\t\n", sp.Cost.PostgresUS)
 	}
 	tw.Flush()
 	lat := []bench.Latency{r.Latency}

@@ -62,6 +62,9 @@ type Config struct {
 	// StreamReplicas is the scratch stream's replica count [1]: 3 on a
 	// JetStream cluster measures a replicated stream.
 	StreamReplicas int
+	// Scale, when set, adds a drain of the backlog in a table that already
+	// holds each of these numbers of SUCCESS rows.
+	Scale []int
 	// PublisherBin is the publisher binary whose idle cost is measured.
 	// Empty skips that measurement.
 	PublisherBin string
@@ -135,8 +138,17 @@ type Result struct {
 		Entities  int `json:"entities"`
 		BatchSize int `json:"batch_size"`
 	} `json:"settings"`
-	Machine Machine `json:"machine"`
-	Sweep   *Sweep  `json:"sweep,omitempty"`
+	Machine Machine      `json:"machine"`
+	Sweep   *Sweep       `json:"sweep,omitempty"`
+	Scale   []ScalePoint `json:"scale,omitempty"`
+}
+
+// ScalePoint is the drain of the backlog in a table that already held
+// SuccessRows published events.
+type ScalePoint struct {
+	SuccessRows  int     `json:"success_rows"`
+	EventsPerSec float64 `json:"events_per_sec"`
+	Cost         cost    `json:"cost"`
 }
 
 // Sweep is latency across offered rates and drain throughput across batch
@@ -263,6 +275,13 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 			}
 			res.Sweep.Drain = append(res.Sweep.Drain, DrainPoint{BatchSize: b, EventsPerSec: eps})
 		}
+	}
+	for _, n := range cfg.Scale {
+		d, err := e.drainCost(ctx, drainRun{batch: cfg.BatchSize, success: n})
+		if err != nil {
+			return nil, fmt.Errorf("drain over %d SUCCESS rows: %w", n, err)
+		}
+		res.Scale = append(res.Scale, ScalePoint{SuccessRows: n, EventsPerSec: d.eventsPerSec, Cost: d.cost})
 	}
 	if cfg.PublisherBin != "" {
 		cpu, rss, err := e.idle(ctx)
