@@ -28,6 +28,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		asJSON, noIdle bool
 		sweep          bool
 		plotFile       string
+		scalePlot      string
 		cpuProfile     string
 		cfg            bench.Config
 	)
@@ -51,6 +52,7 @@ Takes about a minute with the defaults.`)
 	c.Int(&cfg.Writers, "writers", 4, "concurrent writers in the writer-throughput runs")
 	c.String(&replicas, "replicas", "", "also drain the backlog with each of these numbers of publishers run with --partitions, e.g. 1,2,3 (in this process, each on its own NATS connection)")
 	c.String(&scale, "scale", "", "also drain the backlog in a table already holding each of these numbers of SUCCESS rows, e.g. 0,1000000")
+	c.String(&scalePlot, "scale-plot", "", "with --scale: write a PNG plot of drain rate and PostgreSQL CPU per event against table size to this file")
 	c.Int(&cfg.Partitions, "partitions", 12, "with --replicas: the partition count")
 	c.Int(&cfg.StreamReplicas, "stream-replicas", 1, "replicas of the scratch stream (3 on a JetStream cluster measures a replicated stream; --nats-url may list every node)")
 	c.Bool(&noIdle, "no-idle", false, "skip the idle CPU and memory measurement")
@@ -90,6 +92,9 @@ Takes about a minute with the defaults.`)
 	if cfg.Partitions < 1 || cfg.Partitions > poller.MaxPartitions {
 		return usagef("bench: --partitions must be between 1 and %d", poller.MaxPartitions)
 	}
+	if scalePlot != "" && scale == "" {
+		return usagef("bench: --scale-plot needs --scale")
+	}
 	if plotFile != "" && !sweep {
 		return usagef("bench: --plot needs --sweep")
 	}
@@ -128,6 +133,19 @@ Takes about a minute with the defaults.`)
 	}
 	if plotFile != "" {
 		if err := writePlot(plotFile, res.Sweep); err != nil {
+			return err
+		}
+	}
+	if scalePlot != "" {
+		f, err := os.Create(scalePlot)
+		if err != nil {
+			return fmt.Errorf("plot: %w", err)
+		}
+		err = bench.PlotScale(f, res.Scale, cfg.Events)
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
 			return err
 		}
 	}
