@@ -213,14 +213,20 @@ func newQueries(table, leases string, partitions int) queries {
 // It also turns JIT off for the transaction: a claim reads a few hundred
 // rows and never gains from compiling its expressions, and the plans a
 // claim may get on stale statistics cost enough to pass the JIT thresholds
-// (a second or more of compiling a claim, measured).
+// (a second or more of compiling a claim, measured). And it turns bitmap
+// scans off: the claim is meant to walk the READY index in seq order and
+// stop after a batch, and on statistics taken before the backlog (the
+// READY rows a sliver of a table analyzed when it was mostly SUCCESS) the
+// planner instead read every READY row through a bitmap and sorted them,
+// for each batch: the cost of a batch grew with the backlog.
 func claimBeginSQL(l txLimits, ns int, tableOID int64, parts []int) string {
 	var b strings.Builder
 	v := l.args() // durations as PostgreSQL reads them: digits and "ms"
 	fmt.Fprintf(&b, `SELECT set_config('lock_timeout', '%s', true),
 		set_config('statement_timeout', '%s', true),
 		set_config('idle_in_transaction_session_timeout', '%s', true),
-		set_config('jit', 'off', true);
+		set_config('jit', 'off', true),
+		set_config('enable_bitmapscan', 'off', true);
 		SELECT pg_advisory_xact_lock_shared(%d, %d::bigint::oid::int),
 		set_config('synchronous_commit', 'off', true)`,
 		v[0], v[1], v[2], ns, tableOID)
