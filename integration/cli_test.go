@@ -30,7 +30,7 @@ func TestCLI(t *testing.T) {
 		var tables []string
 		require.NoError(t, db.Select(&tables, `SELECT table_name FROM information_schema.tables
 			WHERE table_schema = current_schema() ORDER BY table_name`))
-		require.Equal(t, []string{"events", "events_leases", "events_migrations", "events_replicas", "processed_message"}, tables)
+		require.Equal(t, []string{"events", "events_control", "events_leases", "events_migrations", "events_replicas", "processed_message"}, tables)
 
 		r = requireCLI(t, "migrate", "--database-url", dsn)
 		require.Contains(t, r.stdout, "schema is up to date")

@@ -135,6 +135,10 @@ func (n Name) sibling(suffix string) Name {
 func (n Name) Leases() Name   { return n.sibling("_leases") }
 func (n Name) Replicas() Name { return n.sibling("_replicas") }
 
+// Control names the one-row table holding the pause switch of the events
+// table n (migration 0004), in n's schema.
+func (n Name) Control() Name { return n.sibling("_control") }
+
 // Channel returns the LISTEN/NOTIFY channel of the events table whose oid
 // is tableOID: the insert trigger notifies "outbox_<oid>", so tables of the
 // same name in different schemas never wake each other's publishers.
@@ -238,6 +242,7 @@ func templateVars(t Tables) map[string]string {
 		"Processed":        pr.Quoted(),
 		"Leases":           ev.Leases().Quoted(),
 		"Replicas":         ev.Replicas().Quoted(),
+		"Control":          ev.Control().Quoted(),
 		"SeqIndex":         pq.QuoteIdentifier(ev.Table + "_seq_idx"),
 		"ReadyIndex":       pq.QuoteIdentifier(ev.Table + "_ready_idx"),
 		"BlockedIndex":     pq.QuoteIdentifier(ev.Table + "_blocked_idx"),

@@ -216,10 +216,10 @@ func TestMigrate(t *testing.T) {
 
 		applied, err := schema.Migrate(ctx, db, schema.Tables{})
 		require.NoError(t, err)
-		require.Equal(t, []int{1, 2, 3}, applied)
+		require.Equal(t, []int{1, 2, 3, 4}, applied)
 		for _, name := range []string{"events", "processed_message", "events_migrations",
 			"events_seq_idx", "events_ready_idx", "events_entity_idx",
-			"processed_message_processed_at_idx", "events_notify()", "events_leases", "events_replicas"} {
+			"processed_message_processed_at_idx", "events_notify()", "events_leases", "events_replicas", "events_control"} {
 			require.True(t, exists(t, db, name), "%s is missing", name)
 		}
 		var recorded []int
@@ -231,7 +231,7 @@ func TestMigrate(t *testing.T) {
 			recorded = append(recorded, v)
 		}
 		require.NoError(t, rows.Err())
-		require.Equal(t, []int{1, 2, 3}, recorded)
+		require.Equal(t, []int{1, 2, 3, 4}, recorded)
 
 		applied, err = schema.Migrate(ctx, db, schema.Tables{})
 		require.NoError(t, err)
@@ -259,7 +259,7 @@ func TestMigrate(t *testing.T) {
 			require.NoError(t, errs[i], "caller %d", i)
 			switch {
 			case len(applied[i]) == 0:
-			case slices.Equal(applied[i], []int{1, 2, 3}):
+			case slices.Equal(applied[i], []int{1, 2, 3, 4}):
 				once++
 			default:
 				t.Fatalf("caller %d applied %v", i, applied[i])
@@ -277,8 +277,8 @@ func TestMigrate(t *testing.T) {
 		// tables in the test's schema.
 		applied, err := schema.Migrate(ctx, admin, tables)
 		require.NoError(t, err)
-		require.Equal(t, []int{1, 2, 3}, applied)
-		for _, rel := range []string{"my_events", "my_processed", "my_events_migrations", "my_events_ready_idx", "my_events_notify()", "my_events_leases"} {
+		require.Equal(t, []int{1, 2, 3, 4}, applied)
+		for _, rel := range []string{"my_events", "my_processed", "my_events_migrations", "my_events_ready_idx", "my_events_notify()", "my_events_leases", "my_events_control"} {
 			require.True(t, exists(t, admin, name+"."+rel), "%s.%s is missing", name, rel)
 		}
 
@@ -298,7 +298,7 @@ func TestMigrate(t *testing.T) {
 		db := testenv.NewDB(t) // already holds the default tables
 		applied, err := schema.Migrate(ctx, db.DB.DB, schema.Tables{Events: "my_events", Processed: "my_processed"})
 		require.NoError(t, err)
-		require.Equal(t, []int{1, 2, 3}, applied, "custom tables keep their own version record")
+		require.Equal(t, []int{1, 2, 3, 4}, applied, "custom tables keep their own version record")
 		require.True(t, exists(t, db.DB.DB, "my_events"))
 		require.True(t, exists(t, db.DB.DB, "events"))
 	})
@@ -467,7 +467,7 @@ func TestMigrateConvertsPayloadsToBytes(t *testing.T) {
 
 	applied, err = schema.Migrate(ctx, db, schema.Tables{})
 	require.NoError(t, err)
-	require.Equal(t, []int{3}, applied)
+	require.Equal(t, []int{3, 4}, applied)
 
 	var typ string
 	var notNull bool
@@ -552,6 +552,13 @@ func TestMigrateRefusesTablesOfAnotherShape(t *testing.T) {
 				`column "partitions" is bigint, expected integer NOT NULL`,
 				`column "seen_at" is missing, expected timestamp with time zone NOT NULL with a default`,
 				`primary key is none, expected (replica_id)`}},
+		{name: "control with a text switch",
+			setup: []string{`CREATE TABLE events_control (id boolean PRIMARY KEY DEFAULT true, paused text NOT NULL DEFAULT 'no',
+				paused_at timestamptz, paused_by text)`},
+			want: []string{`table events_control: column "paused" is text, expected boolean NOT NULL with a default`}},
+		{name: "control as created is adopted",
+			setup: []string{`CREATE TABLE events_control (id boolean PRIMARY KEY DEFAULT true CHECK (id),
+				paused boolean NOT NULL DEFAULT false, paused_at timestamptz, paused_by text)`}},
 		{name: "migrations table of another tool",
 			setup: []string{`CREATE TABLE events_migrations (version text PRIMARY KEY, dirty boolean NOT NULL)`},
 			want: []string{`table events_migrations: column "version" is text, expected integer NOT NULL`,
@@ -568,7 +575,7 @@ func TestMigrateRefusesTablesOfAnotherShape(t *testing.T) {
 			applied, err := schema.Migrate(ctx, db, schema.Tables{})
 			if len(tt.want) == 0 {
 				require.NoError(t, err)
-				require.Equal(t, []int{1, 2, 3}, applied)
+				require.Equal(t, []int{1, 2, 3, 4}, applied)
 				return
 			}
 			require.ErrorIs(t, err, schema.ErrTableShape)
@@ -662,7 +669,7 @@ func TestMigrateIgnoresTheSessionsStatementTimeout(t *testing.T) {
 
 	applied, err := schema.Migrate(context.Background(), limited, schema.Tables{})
 	require.NoError(t, err)
-	require.Equal(t, []int{3}, applied)
+	require.Equal(t, []int{3, 4}, applied)
 	var st, lt string
 	require.NoError(t, limited.QueryRow(`SELECT current_setting('statement_timeout'), current_setting('lock_timeout')`).Scan(&st, &lt))
 	require.Equal(t, []string{"20ms", "20ms"}, []string{st, lt}, "the connection's own timeouts are back")

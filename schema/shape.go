@@ -89,6 +89,12 @@ func tablesOf(t Tables) []table {
 			c("expires_at", "timestamp with time zone", true, false),
 			c("acquired_at", "timestamp with time zone", true, true),
 		}},
+		{name: ev.Control(), created: 4, key: []string{"id"}, columns: []column{
+			c("id", "boolean", true, true),
+			c("paused", "boolean", true, true),
+			c("paused_at", "timestamp with time zone", false, false),
+			c("paused_by", "text", false, false),
+		}},
 	}
 }
 

@@ -100,6 +100,10 @@ type readyReport struct {
 	// Loop is "ok", or the database error the publish loop keeps failing
 	// on with what to do about it; empty before the loop exists.
 	Loop string `json:"loop,omitempty"`
+	// Paused: publishing is paused by the table's pause switch (publisher
+	// pause, or the console); the replica stays ready. PausedBy says who.
+	Paused   bool   `json:"paused"`
+	PausedBy string `json:"paused_by,omitempty"`
 }
 
 func (rd *readiness) check(ctx context.Context) readyReport {
@@ -108,6 +112,9 @@ func (rd *readiness) check(ctx context.Context) readyReport {
 		r.Role, r.Loop = roleStandby, "ok"
 		if f := p.Fault(); f != nil {
 			r.Loop = f.Error()
+		}
+		if ps := p.Pause(); ps.Paused {
+			r.Paused, r.PausedBy = true, ps.By
 		}
 		switch st := p.Stats(); {
 		case st.Leader && p.Partitioned():

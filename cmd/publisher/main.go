@@ -6,6 +6,8 @@
 //	publisher status          counts, backlog, blocked entities, FAILED rows
 //	publisher requeue         put FAILED events back to READY
 //	publisher replay          publish SUCCESS events again
+//	publisher pause           stop every publisher of the table claiming
+//	publisher resume          let them claim again
 //	publisher bench           measure throughput and latency here
 //	publisher version         print the version
 //
@@ -51,12 +53,14 @@ func subcommands() map[string]subcommand {
 		"status":  {"show counts, backlog, blocked entities and FAILED events", runStatus},
 		"requeue": {"put FAILED events back to READY", runRequeue},
 		"replay":  {"publish SUCCESS events again, by entity, seq or time range", runReplay},
+		"pause":   {"pause publishing: every publisher stops claiming, events stay READY", runPause},
+		"resume":  {"resume publishing after pause", runResume},
 		"bench":   {"measure throughput and latency on this machine", runBench},
 		"version": {"print the version", runVersion},
 	}
 }
 
-var order = []string{"run", "migrate", "status", "requeue", "replay", "bench", "version"}
+var order = []string{"run", "migrate", "status", "requeue", "replay", "pause", "resume", "bench", "version"}
 
 // run dispatches to a subcommand; with no subcommand (or only flags) it runs
 // the publisher.

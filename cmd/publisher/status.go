@@ -161,6 +161,7 @@ func printStatus(w io.Writer, st *poller.Status) {
 		fmt.Fprintf(tw, "leader\t%s\n", leader)
 	}
 	fmt.Fprintf(tw, "blocked entities\t%d\n", st.BlockedTotal)
+	fmt.Fprintf(tw, "publishing\t%s\n", pauseLine(st.Pause))
 	tw.Flush()
 
 	if len(st.Replicas) > 0 {
@@ -206,4 +207,20 @@ func oneLine(s string) string {
 		s = s[:97] + "..."
 	}
 	return s
+}
+
+// pauseLine describes the pause switch: "active", or "PAUSED by who since
+// when".
+func pauseLine(p poller.PauseInfo) string {
+	if !p.Paused {
+		return "active"
+	}
+	s := "PAUSED"
+	if p.By != "" {
+		s += " by " + p.By
+	}
+	if p.At != nil {
+		s += " since " + p.At.UTC().Format(time.RFC3339)
+	}
+	return s + " ('publisher resume' resumes)"
 }

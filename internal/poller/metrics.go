@@ -48,6 +48,9 @@ type Metrics struct {
 	// Leader is 1 while this process holds the leader lock (shared, with
 	// partitions), else 0.
 	Leader prometheus.Gauge
+	// Paused is 1 while the table's pause switch is on (as this process
+	// last read it, while it publishes or stands by), else 0.
+	Paused prometheus.Gauge
 	// PartitionsHeld is the number of partitions this process publishes
 	// (0 without partitions).
 	PartitionsHeld prometheus.Gauge
@@ -114,6 +117,8 @@ func NewMetrics() *Metrics {
 			"Events stored by JetStream after an earlier event of their entity, sent ahead of them, was refused, failed or not acknowledged in time: the entity's order is broken (or, for a lost ack, may be)."),
 		Leader: gauge("outbox_leader",
 			"1 while this publisher holds the leader lock of its table (shared, with --partitions) and publishes, 0 while it stands by."),
+		Paused: gauge("outbox_paused",
+			"1 while publishing is paused by the table's pause switch ('publisher pause' or the console), 0 otherwise."),
 		PartitionsHeld: gauge("outbox_partitions_held",
 			"Partitions this publisher leases and publishes; 0 without --partitions."),
 		PartitionsConfigured: gauge("outbox_partitions_configured",
@@ -143,7 +148,7 @@ func NewMetrics() *Metrics {
 
 func (m *Metrics) collectors() []prometheus.Collector {
 	return []prometheus.Collector{m.Events, m.PublishLatency, m.BatchDuration, m.BatchSize, m.Backoffs, m.OrderViolations,
-		m.Leader, m.PartitionsHeld, m.PartitionsConfigured, m.NATSReconnects, m.DatabaseReconnects, m.ReadyEvents, m.RetryingEvents,
+		m.Leader, m.Paused, m.PartitionsHeld, m.PartitionsConfigured, m.NATSReconnects, m.DatabaseReconnects, m.ReadyEvents, m.RetryingEvents,
 		m.OldestReadyAge, m.FailedEvents, m.BlockedEntities, m.BacklogRefreshed}
 }
 
@@ -262,4 +267,14 @@ func (m *Metrics) setBacklog(b backlog) {
 	m.FailedEvents.Set(float64(b.Failed))
 	m.BlockedEntities.Set(float64(b.BlockedEntities))
 	m.BacklogRefreshed.SetToCurrentTime()
+}
+
+func (m *Metrics) paused(on bool) {
+	switch {
+	case m == nil:
+	case on:
+		m.Paused.Set(1)
+	default:
+		m.Paused.Set(0)
+	}
 }

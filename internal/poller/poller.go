@@ -207,6 +207,8 @@ type Stats struct {
 	// Partitions is the number of partitions this process publishes now
 	// (always 0 without partitions).
 	Partitions int
+	// Paused: the table's pause switch is on, as last read (see Pause).
+	Paused bool
 }
 
 // Poller is the publish loop of one events table. Run it once.
@@ -244,6 +246,11 @@ type Poller struct {
 	// carefulUntil: until then, one event per entity a batch and no
 	// pipelining (see carefulFor).
 	carefulUntil time.Time
+	// pause is the pause switch as last read (nil before the first read),
+	// at pauseRead; see checkPause.
+	pause     atomic.Pointer[PauseState]
+	pauseRead time.Time
+	pauseErr  bool // the last read of the switch failed, and was logged
 
 	published, refused, failed, batches, backoffs, heldCount atomic.Int64
 	violations                                               atomic.Int64
@@ -301,6 +308,7 @@ func (p *Poller) Stats() Stats {
 		Published: p.published.Load(), Refused: p.refused.Load(), Failed: p.failed.Load(),
 		Batches: p.batches.Load(), Backoffs: p.backoffs.Load(), Leader: p.leading.Load(),
 		Partitions: int(p.heldCount.Load()), OrderViolations: p.violations.Load(),
+		Paused: p.Pause().Paused,
 	}
 }
 
@@ -360,6 +368,7 @@ func (p *Poller) Run(ctx context.Context) error {
 		if p.cfg.NATS.IsClosed() {
 			return p.stopClosed(ctx)
 		}
+		paused := p.checkPause(ctx)
 		if !p.lead.leading() {
 			sleeping = false
 			if !p.elect(ctx, &bo) {
@@ -371,6 +380,19 @@ func (p *Poller) Run(ctx context.Context) error {
 			lastWork = time.Now()
 		}
 		p.rebalanceIfDue(ctx)
+		if paused {
+			// Claim nothing: finish the batch in flight, stop the writers'
+			// NOTIFYs and look at the switch again in a while.
+			if err := p.drain(ctx); err != nil {
+				p.log.Warn("finishing the batch in flight while paused", "err", err)
+			}
+			if sleeping {
+				sleeping = !p.wakeUp(ctx)
+			}
+			p.sleep(ctx, pauseCheckEvery, nil)
+			lastWork = time.Now()
+			continue
+		}
 		n, healthy, err := p.step(ctx)
 		switch {
 		case errors.Is(err, errLostLeadership) && p.parts != nil && !p.lead.isLost():

@@ -13,7 +13,8 @@ import (
 )
 
 // The database role OPERATIONS.md names as enough for the publisher
-// (USAGE on the schema, SELECT and UPDATE on the events table; with
+// (USAGE on the schema, SELECT and UPDATE on the events table, SELECT on
+// its control table; with
 // partitions, SELECT, INSERT, UPDATE and DELETE on the lease tables) is
 // enough: it publishes, alone and partitioned.
 func TestPublisherRunsWithTheLeastPrivilegeRole(t *testing.T) {
@@ -30,6 +31,7 @@ func TestPublisherRunsWithTheLeastPrivilegeRole(t *testing.T) {
 			})
 			b.db.MustExec(`GRANT USAGE ON SCHEMA ` + b.db.Schema + ` TO ` + role)
 			b.db.MustExec(`GRANT SELECT, UPDATE ON events TO ` + role)
+			b.db.MustExec(`GRANT SELECT ON events_control TO ` + role)
 			if partitions > 0 {
 				b.db.MustExec(`GRANT SELECT, INSERT, UPDATE, DELETE ON events_leases, events_replicas TO ` + role)
 			}

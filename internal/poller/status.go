@@ -30,6 +30,15 @@ type Status struct {
 	// Replicas are the publishers run with --partitions that were seen
 	// within their lease time, with the partitions each holds.
 	Replicas []ReplicaInfo `json:"replicas,omitempty"`
+	// Pause is the table's pause switch (publisher pause / resume).
+	Pause PauseInfo `json:"pause"`
+}
+
+// PauseInfo is the pause switch in Status.
+type PauseInfo struct {
+	Paused bool       `json:"paused"`
+	At     *time.Time `json:"changed_at,omitempty"` // when it was last set
+	By     string     `json:"changed_by,omitempty"` // who last set it
 }
 
 // ReplicaInfo is one partitioned publisher.
@@ -183,6 +192,14 @@ func ReadStatusWith(ctx context.Context, db *sql.DB, table string, o StatusOptio
 	default:
 		li.ClientAddr = addr.String
 		st.Leader = &li
+	}
+	ps, err := readPause(ctx, db, name)
+	if err != nil {
+		return nil, err
+	}
+	st.Pause = PauseInfo{Paused: ps.Paused, By: ps.By}
+	if !ps.At.IsZero() {
+		st.Pause.At = &ps.At
 	}
 	if st.Replicas, err = readReplicas(ctx, db, name); err != nil {
 		return nil, err

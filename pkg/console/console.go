@@ -50,6 +50,9 @@ const (
 	ActionRequeue Action = "requeue"
 	// ActionReplay publishes SUCCESS events again.
 	ActionReplay Action = "replay"
+	// ActionPause pauses and resumes publishing (the table's pause
+	// switch, read by every publisher of the table).
+	ActionPause Action = "pause"
 )
 
 // Config configures the console. Only DB is required.
@@ -162,6 +165,8 @@ func New(cfg Config) (*Handler, error) {
 	mux.HandleFunc("GET /events/{id}", h.event)
 	mux.HandleFunc("GET /failed", h.failed)
 	mux.HandleFunc("POST /requeue", h.requeue)
+	mux.HandleFunc("POST /pause", h.setPause(true))
+	mux.HandleFunc("POST /resume", h.setPause(false))
 	mux.HandleFunc("GET /replay", h.replayForm)
 	mux.HandleFunc("POST /replay", h.replay)
 	mux.HandleFunc("GET /consumers", h.consumers)

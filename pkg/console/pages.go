@@ -627,3 +627,32 @@ func (h *Handler) consumers(w http.ResponseWriter, r *http.Request) {
 	}
 	h.render(w, r, http.StatusOK, "consumers", page{Title: "Consumers", Nav: "consumers", Data: data})
 }
+
+// setPause returns the handler of the pause (paused true) and resume
+// actions: it sets the pause switch, logs who did it and redirects back to
+// the page the form was on (the overview or the FAILED page).
+func (h *Handler) setPause(paused bool) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if !h.authorize(w, r, ActionPause) {
+			return
+		}
+		ctx, cancel := h.ctx(r)
+		defer cancel()
+		who := h.who(r)
+		verb, msg := "resume", "Publishing resumed."
+		if paused {
+			verb, msg = "pause", "Publishing paused: publishers stop claiming within a second; events stay READY."
+		}
+		err := poller.SetPause(ctx, h.cfg.DB, h.cfg.Table, paused, who)
+		h.log.Info("console action", "action", verb, "who", who, "remote", r.RemoteAddr, "err", err)
+		if err != nil {
+			h.failErr(w, r, err)
+			return
+		}
+		back := ""
+		if r.FormValue("back") == "failed" {
+			back = "failed"
+		}
+		h.redirect(w, r, back, msg)
+	}
+}

@@ -20,6 +20,7 @@ type page struct {
 	Refresh    int    // seconds; 0: no auto-refresh
 	CanRequeue bool
 	CanReplay  bool
+	CanPause   bool
 	Data       any
 }
 
@@ -74,6 +75,7 @@ func (h *Handler) render(w http.ResponseWriter, r *http.Request, code int, name 
 	p.Base = h.cfg.BasePath
 	p.Msg = r.URL.Query().Get("msg")
 	p.CanRequeue = h.allowed(r, ActionRequeue)
+	p.CanPause = h.allowed(r, ActionPause)
 	p.CanReplay = h.allowed(r, ActionReplay)
 	var buf bytes.Buffer
 	if err := h.pages[name].ExecuteTemplate(&buf, "layout.html", p); err != nil {

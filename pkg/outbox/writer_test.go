@@ -308,7 +308,7 @@ func TestWriteCustomTable(t *testing.T) {
 	db := testenv.NewDB(t)
 	applied, err := schema.Migrate(ctx, db.DB.DB, schema.Tables{Events: "my_events", Processed: "my_processed"})
 	require.NoError(t, err)
-	require.Equal(t, []int{1, 2, 3}, applied)
+	require.Equal(t, []int{1, 2, 3, 4}, applied)
 
 	tests := []struct {
 		name  string
