@@ -121,6 +121,7 @@ func TestMetricsNames(t *testing.T) {
 		"outbox_publish_backoffs_total",
 		"outbox_order_violations_total",
 		"outbox_leader",
+		"outbox_paused",
 		"outbox_partitions_held",
 		"outbox_partitions_configured",
 		"outbox_nats_reconnects_total",
