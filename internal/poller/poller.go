@@ -25,6 +25,9 @@
 // MaxAttempts is reached. The entity of a refused event is blocked until it
 // is published or requeued; other entities go on.
 //
+// While the table's pause switch is on (pause.go, read at most once a
+// second), the loop claims nothing and finishes the batch in flight.
+//
 // On cancellation Run stops claiming, finishes the batch in flight (acks and
 // mark) and returns nil.
 package poller
