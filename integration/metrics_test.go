@@ -142,7 +142,8 @@ func TestMetricsEndpoints(t *testing.T) {
 
 	code, r := readyz(t, base)
 	require.Equal(t, http.StatusOK, code, r)
-	require.Equal(t, map[string]any{"ready": true, "role": "leader", "database": "ok", "nats": "ok"}, r)
+	require.Equal(t, map[string]any{"ready": true, "role": "leader", "database": "ok", "nats": "ok",
+		"loop": "ok", "paused": false}, r)
 
 	// A second publisher stands by, and says so.
 	standby := startPublisher(t, "standby", b.db.DSN, metricsFlags...)
