@@ -5,6 +5,7 @@ import (
 	"context"
 	"database/sql"
 	"fmt"
+	"runtime/pprof"
 	"sync"
 	"time"
 
@@ -99,7 +100,12 @@ func (e *env) drainCost(ctx context.Context, r drainRun) (drainResult, error) {
 			return out, err
 		}
 		ps = append(ps, p)
-		wg.Go(func() { _ = p.Run(rctx) })
+		// The label lets a CPU profile (--cpuprofile) tell the loop's
+		// samples from the rest of the bench: go tool pprof -tagfocus
+		// bench=publisher.
+		wg.Go(func() {
+			pprof.Do(rctx, pprof.Labels("bench", "publisher"), func(ctx context.Context) { _ = p.Run(ctx) })
+		})
 	}
 	if r.replicas > 0 {
 		if err := waitFor(ctx, 30*time.Second, func() (bool, error) {

@@ -185,7 +185,7 @@ func newQueries(table, leases string, partitions int) queries {
 		ORDER BY c.seq`,
 		markDone: `UPDATE ` + table + ` e
 			SET event_status = 'SUCCESS', published_at = now()
-			WHERE event_id = ANY($1::uuid[]) AND event_status = 'READY' AND ` + fence(2, false),
+			WHERE seq = ANY($1::bigint[]) AND event_status = 'READY' AND ` + fence(2, false),
 		markRetry: `UPDATE ` + table + ` e
 			SET attempts = attempts + 1,
 			    last_error = $2,
@@ -454,7 +454,11 @@ type refusal struct {
 }
 
 // mark records the outcome of a batch in the claim transaction and commits.
-func (p *Poller) mark(ctx context.Context, tx *sql.Tx, acked []string, refused []refusal) error {
+//
+// The rows published are found by seq: the claim's rows are in seq order,
+// so the lookups walk the seq index forward, where event ids (random, or
+// time-ordered only per writer) would scatter them over the primary key.
+func (p *Poller) mark(ctx context.Context, tx *sql.Tx, acked []int64, refused []refusal) error {
 	defer tx.Rollback() //nolint:errcheck // no-op after commit
 	if len(acked) > 0 {
 		done, err := p.stmt(ctx, tx, p.q.markDone)

@@ -325,12 +325,12 @@ func (b *batch) refuse(r *row, reason string, permanent bool) {
 }
 
 // collect waits for the acks of what b sent, up to AckTimeout after the
-// send, and returns the acked ids. Refusals are added to b.refused; a
+// send, and returns the acked rows' seqs. Refusals are added to b.refused; a
 // missing ack or an outage-class error sets b.outage.
-func (p *Poller) collect(ctx context.Context, b *batch) (acked []string) {
+func (p *Poller) collect(ctx context.Context, b *batch) (acked []int64) {
 	if p.cfg.SkipPublish {
 		for i := range b.rows {
-			acked = append(acked, b.rows[i].id)
+			acked = append(acked, b.rows[i].seq)
 		}
 		return acked
 	}
@@ -375,7 +375,7 @@ func (p *Poller) collect(ctx context.Context, b *batch) (acked []string) {
 		}
 		if ok {
 			p.cfg.Metrics.acked(s.at)
-			acked = append(acked, s.r.id)
+			acked = append(acked, s.r.seq)
 			p.orderBroken(b, s.r)
 			continue
 		}
