@@ -323,6 +323,7 @@ func waitForDB(ctx context.Context, dsn string, maxWait time.Duration, log *slog
 	if err != nil {
 		return nil, usagef("--database-url %s: %v", redact.DSN(dsn), err)
 	}
+	db.SetMaxIdleConns(4) // the loop's three (poller.Config.DB), and one for /readyz and metrics
 	wait := 250 * time.Millisecond
 	for {
 		err := pingDB(ctx, db, dsn)

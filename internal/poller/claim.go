@@ -454,29 +454,62 @@ type refusal struct {
 }
 
 // mark records the outcome of a batch in the claim transaction and commits.
-//
-// The rows published are found by seq: the claim's rows are in seq order,
-// so the lookups walk the seq index forward, where event ids (random, or
-// time-ordered only per writer) would scatter them over the primary key.
 func (p *Poller) mark(ctx context.Context, tx *sql.Tx, acked []int64, refused []refusal) error {
-	defer tx.Rollback() //nolint:errcheck // no-op after commit
+	m, err := p.markJob(ctx, tx, acked, refused)
+	if err != nil {
+		tx.Rollback() //nolint:errcheck
+		return err
+	}
+	return m.run(ctx)
+}
+
+// markJob is a batch's mark, ready to run: its statements and their
+// arguments, taken from the Poller by the loop goroutine, so that run
+// touches nothing of the Poller's and may run on another goroutine.
+type markJob struct {
+	tx       *sql.Tx
+	done     *sql.Stmt // markDone, bound to tx; nil when nothing was acked
+	doneArgs []any
+	acked    int
+	retry    string // markRetry
+	retries  [][]any
+}
+
+// markJob prepares the mark of a batch: the rows published, found by seq
+// (the claim's rows are in seq order, so the lookups walk the seq index
+// forward, where event ids would scatter them over the primary key), and
+// each refused row.
+func (p *Poller) markJob(ctx context.Context, tx *sql.Tx, acked []int64, refused []refusal) (*markJob, error) {
+	m := &markJob{tx: tx, acked: len(acked), retry: p.q.markRetry}
 	if len(acked) > 0 {
 		done, err := p.stmt(ctx, tx, p.q.markDone)
 		if err != nil {
-			return fmt.Errorf("mark published: %w", err)
+			return nil, fmt.Errorf("mark published: %w", err)
 		}
-		res, err := done.ExecContext(ctx, append([]any{pq.Array(acked)}, p.fenceArgs()...)...)
+		m.done, m.doneArgs = done, append([]any{pq.Array(acked)}, p.fenceArgs()...)
+	}
+	for _, r := range refused {
+		m.retries = append(m.retries, append([]any{r.id, r.reason, r.permanent, p.cfg.MaxAttempts,
+			float64(p.cfg.RetryBase.Milliseconds()), float64(p.cfg.RetryMax.Milliseconds())}, p.fenceArgs()...))
+	}
+	return m, nil
+}
+
+// run executes the mark and commits, or rolls back on an error. It is safe
+// to call from any goroutine, once.
+func (m *markJob) run(ctx context.Context) error {
+	defer m.tx.Rollback() //nolint:errcheck // no-op after commit
+	if m.done != nil {
+		res, err := m.done.ExecContext(ctx, m.doneArgs...)
 		if err != nil {
 			return fmt.Errorf("mark published: %w", err)
 		}
-		if n, _ := res.RowsAffected(); n != int64(len(acked)) {
-			return fmt.Errorf("mark published: %d of %d rows: %w", n, len(acked), errLostLeadership)
+		if n, _ := res.RowsAffected(); n != int64(m.acked) {
+			return fmt.Errorf("mark published: %d of %d rows: %w", n, m.acked, errLostLeadership)
 		}
 	}
-	for _, r := range refused {
-		args := append([]any{r.id, r.reason, r.permanent, p.cfg.MaxAttempts,
-			float64(p.cfg.RetryBase.Milliseconds()), float64(p.cfg.RetryMax.Milliseconds())}, p.fenceArgs()...)
-		res, err := tx.ExecContext(ctx, p.q.markRetry, args...)
+	for _, args := range m.retries {
+		res, err := m.tx.ExecContext(ctx, m.retry, args...)
 		if err != nil {
 			return fmt.Errorf("mark refused: %w", err)
 		}
@@ -484,7 +517,7 @@ func (p *Poller) mark(ctx context.Context, tx *sql.Tx, acked []int64, refused []
 			return fmt.Errorf("mark refused: %w", errLostLeadership)
 		}
 	}
-	if err := tx.Commit(); err != nil {
+	if err := m.tx.Commit(); err != nil {
 		return fmt.Errorf("commit batch: %w", err)
 	}
 	return nil

@@ -79,7 +79,11 @@ const DefaultBatchBytes = 32 << 20
 // Config configures a Poller. DB, DSN and NATS are required; every other
 // zero field means its default.
 type Config struct {
-	// DB is the pool used for claims and marks.
+	// DB is the pool used for claims and marks. The loop holds up to three
+	// of its connections at once (a claim, the batch in flight, a mark in
+	// the background): keep SetMaxIdleConns at 3 or more (database/sql's
+	// default is 2), or the pool closes and reopens a connection, and
+	// prepares the statements again, every batch.
 	DB *sql.DB
 	// DSN opens the session-level connections: LISTEN and the leader
 	// lock. It must reach PostgreSQL directly, not through a pooler in
@@ -238,6 +242,7 @@ type Poller struct {
 	dupErr   error
 	stmts    map[string]*sql.Stmt  // prepared statements, by query
 	inflight *batch                // sent, not yet finished; see step
+	marking  *pendingMark          // acked, its mark running; see finish
 	held     map[string]heldEntity // entities the claims leave out for now; see holdBack
 	busy     bool                  // the last claim found rows
 	// slowClaims: the last claim took long (see claimLimits); the loop

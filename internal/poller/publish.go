@@ -94,7 +94,8 @@ type inflight struct {
 
 // step is one turn of the pipeline: claim and send a new batch while the
 // previous one's acks are in flight, then finish the previous one (acks,
-// mark, commit). At most one batch is in flight between steps. It returns
+// mark, commit; the mark may go on in the background during the next step,
+// see finish). At most one batch is in flight between steps. It returns
 // the number of rows claimed, and whether the step showed the loop healthy:
 // it finished a batch without an outage, or found nothing due with nothing
 // in flight. When the previous batch hit an outage, no new batch is claimed;
@@ -107,7 +108,7 @@ func (p *Poller) step(ctx context.Context) (n int, healthy bool, err error) {
 	if prev != nil && (p.careful() || p.slowClaims) {
 		// No pipelining while careful, or while claims are slow (see
 		// claimLimits): the batch ahead is finished before the next claim.
-		if err := p.finish(ctx, prev); err != nil {
+		if err := p.finish(ctx, prev, false); err != nil {
 			return 0, false, err
 		}
 		prev, finished = nil, true
@@ -132,16 +133,18 @@ func (p *Poller) step(ctx context.Context) (n int, healthy bool, err error) {
 	}
 	healthy = err == nil && prev == nil && (cur == nil || finished)
 	if prev != nil {
-		ferr := p.finish(ctx, prev)
+		ferr := p.finish(ctx, prev, true)
 		healthy = err == nil && ferr == nil
 		err = firstErr(ferr, err)
 	}
 	if cur == nil {
-		return 0, healthy, err
+		// Nothing in flight: nor is a mark left running.
+		jerr := p.joinMark()
+		return 0, healthy && jerr == nil, firstErr(err, jerr)
 	}
 	if err != nil {
 		// Finish what was sent before backing off.
-		return len(cur.rows), false, firstErr(err, p.finish(ctx, cur))
+		return len(cur.rows), false, firstErr(err, p.finish(ctx, cur, false))
 	}
 	p.inflight = cur
 	return len(cur.rows), healthy, nil
@@ -168,14 +171,15 @@ func (p *Poller) brokerAnswers(ctx context.Context) error {
 	return nil
 }
 
-// drain finishes the batch in flight, if any.
+// drain finishes the batch in flight, if any, and the mark running in the
+// background.
 func (p *Poller) drain(ctx context.Context) error {
 	b := p.inflight
 	p.inflight = nil
 	if b == nil {
-		return nil
+		return p.joinMark()
 	}
-	return p.finish(ctx, b)
+	return p.finish(ctx, b, false)
 }
 
 // start claims a batch and sends its rows, except rows of entities in skip.
@@ -197,6 +201,9 @@ func (p *Poller) start(ctx context.Context, skip map[string]bool, ahead *batch) 
 			budget.inflight = append(budget.inflight, s.r.seq)
 		}
 	}
+	if p.marking != nil {
+		budget.inflight = append(budget.inflight, p.marking.acked...)
+	}
 	tx, rows, err := p.claim(ctx, budget, !p.busy)
 	p.busy = len(rows) > 0
 	if err != nil {
@@ -217,10 +224,20 @@ func (p *Poller) start(ctx context.Context, skip map[string]bool, ahead *batch) 
 // finish waits for a batch's acks, marks it and commits. Once rows are
 // claimed the batch is finished even if ctx is cancelled, so a stopping
 // publisher marks what JetStream acknowledged. It returns the batch's
-// outage, or the mark's error.
-func (p *Poller) finish(ctx context.Context, b *batch) error {
+// outage, or the mark's error, or the error of the mark that ran in the
+// background before it.
+//
+// With background set, a batch whose every row was acked (the common case
+// under load) is marked on another goroutine, while the loop claims and
+// sends the next batch: PostgreSQL updates one batch's rows while the
+// publisher builds the next one's messages. At most one mark runs so. The
+// next finish waits for it before marking, and so does every step that
+// ends with no batch in flight (joinMark); meanwhile the claims count its
+// rows as sent by this publisher (start), as they do the batch in flight.
+// A batch with a refusal or an outage is marked in the loop, so that the
+// claims after it see the refusals recorded.
+func (p *Poller) finish(ctx context.Context, b *batch, background bool) error {
 	bctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.cfg.AckTimeout+markGrace)
-	defer cancel()
 	acked := p.collect(bctx, b)
 	if b.outage != nil {
 		p.suspect = true
@@ -228,12 +245,59 @@ func (p *Poller) finish(ctx context.Context, b *batch) error {
 	if b.next != nil {
 		b.next.behind = b.unstored
 	}
-	if err := p.mark(bctx, b.tx, acked, b.refused); err != nil {
+	err := p.joinMark()
+	m, merr := p.markJob(bctx, b.tx, acked, b.refused)
+	if merr != nil {
+		cancel()
+		b.tx.Rollback() //nolint:errcheck
+		return firstErr(err, merr)
+	}
+	if background && err == nil && b.outage == nil && len(b.refused) == 0 {
+		done := make(chan error, 1)
+		go func() {
+			defer cancel()
+			done <- m.run(bctx)
+		}()
+		p.marking = &pendingMark{b: b, acked: acked, done: done}
+		return nil
+	}
+	defer cancel()
+	if merr := m.run(bctx); merr != nil {
+		return firstErr(err, merr)
+	}
+	p.marked(b, len(acked))
+	return firstErr(err, b.outage)
+}
+
+// pendingMark is the mark of a batch running in the background: see
+// finish.
+type pendingMark struct {
+	b     *batch
+	acked []int64 // seqs
+	done  chan error
+}
+
+// joinMark waits for the mark running in the background, if any, and
+// returns its error.
+func (p *Poller) joinMark() error {
+	m := p.marking
+	if m == nil {
+		return nil
+	}
+	p.marking = nil
+	if err := <-m.done; err != nil {
 		return err
 	}
+	p.marked(m.b, len(m.acked))
+	return nil
+}
+
+// marked counts and logs a batch whose mark committed, acked of its rows
+// published.
+func (p *Poller) marked(b *batch, acked int) {
 	p.batches.Add(1)
-	p.cfg.Metrics.batch(len(b.rows), len(acked), b.started)
-	p.published.Add(int64(len(acked)))
+	p.cfg.Metrics.batch(len(b.rows), acked, b.started)
+	p.published.Add(int64(acked))
 	p.refused.Add(int64(len(b.refused)))
 	for _, r := range b.refused {
 		if r.permanent || r.attempts+1 >= p.cfg.MaxAttempts {
@@ -245,7 +309,6 @@ func (p *Poller) finish(ctx context.Context, b *batch) error {
 			p.log.Warn("event refused; will retry", "event_id", r.id, "reason", r.reason)
 		}
 	}
-	return b.outage
 }
 
 // send sends the batch's rows in seq order. It stops at the first outage
