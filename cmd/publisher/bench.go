@@ -25,6 +25,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		rates          string
 		replicas       string
 		scale          string
+		scaleCases     string
 		asJSON, noIdle bool
 		sweep          bool
 		plotFile       string
@@ -51,8 +52,17 @@ Takes about a minute with the defaults.`)
 	c.Duration(&cfg.Duration, "duration", 20*time.Second, "length of each latency run")
 	c.Int(&cfg.Writers, "writers", 4, "concurrent writers in the writer-throughput runs")
 	c.String(&replicas, "replicas", "", "also drain the backlog with each of these numbers of publishers run with --partitions, e.g. 1,2,3 (in this process, each on its own NATS connection)")
-	c.String(&scale, "scale", "", "also drain the backlog in a table already holding each of these numbers of SUCCESS rows, e.g. 0,1000000")
-	c.String(&scalePlot, "scale-plot", "", "with --scale: write a PNG plot of drain rate and PostgreSQL CPU per event against table size to this file")
+	c.String(&scale, "scale", "", "also drain the backlog in a table already holding each of these numbers of SUCCESS rows, e.g. 0,1000000, with the claim latency (p50, p99 in ms) at each")
+	c.String(&scalePlot, "scale-plot", "", "with --scale: write a PNG plot of drain rate, PostgreSQL CPU per event and claim latency against table size to this file")
+	c.String(&scaleCases, "scale-cases", "", "also run these scale scenarios, comma-separated, each with drain rate, CPU per event and claim latency: "+
+		"backlog (drain a --scale-backlog READY backlog written in bulk; rates over its first and last tenth), "+
+		"blocked (drain the --events backlog past --scale-blocked entities each blocked by a FAILED event with 3 READY events behind it, against the same backlog without them), "+
+		"entities (the --events backlog over --scale-entities entities, against --entities), "+
+		"retention (the --events backlog over --scale-retention-rows SUCCESS rows published two days ago, without and then with the retention chore deleting them (retention 24h, schedule @every 1s); its deleted rows/s)")
+	c.Int(&cfg.ScaleBacklog, "scale-backlog", 1000000, "with --scale-cases backlog: READY events in the backlog (rates over the first and last tenth)")
+	c.Int(&cfg.ScaleBlocked, "scale-blocked", 10000, "with --scale-cases blocked: entities blocked by a FAILED event")
+	c.Int(&cfg.ScaleEntities, "scale-entities", 100000, "with --scale-cases entities: entities the backlog spreads over")
+	c.Int(&cfg.ScaleRetentionRows, "scale-retention-rows", 10000000, "with --scale-cases retention: SUCCESS rows past the retention in the table (10M take minutes to write)")
 	c.Int(&cfg.Partitions, "partitions", 12, "with --replicas: the partition count")
 	c.Int(&cfg.StreamReplicas, "stream-replicas", 1, "replicas of the scratch stream (3 on a JetStream cluster measures a replicated stream; --nats-url may list every node)")
 	c.Bool(&noIdle, "no-idle", false, "skip the idle CPU and memory measurement")
@@ -88,6 +98,18 @@ Takes about a minute with the defaults.`)
 			}
 			cfg.Scale = append(cfg.Scale, n)
 		}
+	}
+	if scaleCases != "" {
+		for _, v := range strings.Split(scaleCases, ",") {
+			v = strings.TrimSpace(v)
+			if !slices.Contains(bench.ScaleCaseNames, v) {
+				return usagef("bench: --scale-cases %q: use some of %s, separated by commas", scaleCases, strings.Join(bench.ScaleCaseNames, ","))
+			}
+			cfg.ScaleCases = append(cfg.ScaleCases, v)
+		}
+	}
+	if cfg.ScaleBacklog < 10 || cfg.ScaleBlocked < 1 || cfg.ScaleEntities < 1 || cfg.ScaleRetentionRows < 1 {
+		return usagef("bench: --scale-backlog must be at least 10, --scale-blocked, --scale-entities and --scale-retention-rows at least 1")
 	}
 	if cfg.Partitions < 1 || cfg.Partitions > poller.MaxPartitions {
 		return usagef("bench: --partitions must be between 1 and %d", poller.MaxPartitions)
@@ -213,8 +235,10 @@ func printBench(w io.Writer, r *bench.Result) {
 		fmt.Fprintf(tw, "idle publisher RSS\t%.1f\tMiB\t\n", *r.RSSMiB)
 	}
 	for _, sp := range r.Scale {
-		fmt.Fprintf(tw, "drain over %d SUCCESS rows\t%.0f\tevents/s\t\n", sp.SuccessRows, sp.EventsPerSec)
-		fmt.Fprintf(tw, "  its CPU, PostgreSQL\t%.1f\tµs/event\t\n", sp.Cost.PostgresUS)
+		printDrainStat(tw, fmt.Sprintf("drain over %d SUCCESS rows", sp.SuccessRows), sp.DrainStat)
+	}
+	if sc := r.ScaleCases; sc != nil {
+		printScaleCases(tw, sc)
 	}
 	tw.Flush()
 	lat := []bench.Latency{r.Latency}
@@ -235,6 +259,44 @@ func printBench(w io.Writer, r *bench.Result) {
 			fmt.Fprintf(tw, "%d\t%.0f\t\n", d.BatchSize, d.EventsPerSec)
 		}
 		tw.Flush()
+	}
+}
+
+// printDrainStat prints a scale drain: its rate, PostgreSQL's CPU per
+// event and the claim latency.
+func printDrainStat(tw io.Writer, name string, d bench.DrainStat) {
+	fmt.Fprintf(tw, "%s\t%.0f\tevents/s\t\n", name, d.EventsPerSec)
+	fmt.Fprintf(tw, "  its CPU, PostgreSQL\t%.1f\tµs/event\t\n", d.Cost.PostgresUS)
+	fmt.Fprintf(tw, "  its CPU, publisher\t%.1f\tµs/event\t\n", d.Cost.PublisherUS)
+	fmt.Fprintf(tw, "  its claims, p50 / p99\t%.1f / %.1f\tms\t\n", d.Claims.P50, d.Claims.P99)
+}
+
+func printScaleCases(tw io.Writer, sc *bench.ScaleCases) {
+	if b := sc.Backlog; b != nil {
+		printDrainStat(tw, fmt.Sprintf("drain of a %d-event backlog", b.Events), b.DrainStat)
+		fmt.Fprintf(tw, "  first %d events\t%.0f\tevents/s\t\n", b.Window, b.First)
+		fmt.Fprintf(tw, "  last %d events\t%.0f\tevents/s\t\n", b.Window, b.Last)
+		fmt.Fprintf(tw, "  last vs first\t%.2f\t\t\n", b.LastVsFirst)
+		fmt.Fprintf(tw, "  claims, first / last, p99\t%.1f / %.1f\tms\t\n", b.ClaimsFirst.P99, b.ClaimsLast.P99)
+	}
+	if b := sc.Blocked; b != nil {
+		printDrainStat(tw, "baseline drain", b.Baseline)
+		printDrainStat(tw, fmt.Sprintf("drain past %d blocked entities", b.Entities), b.DrainStat)
+		fmt.Fprintf(tw, "  vs baseline\t%.2f\t\t\n", b.VsBaseline)
+	}
+	if en := sc.Entities; en != nil {
+		if sc.Blocked == nil {
+			printDrainStat(tw, fmt.Sprintf("baseline drain (%d entities)", en.BaselineEntities), en.Baseline)
+		}
+		printDrainStat(tw, fmt.Sprintf("drain over %d entities", en.Entities), en.DrainStat)
+		fmt.Fprintf(tw, "  vs baseline\t%.2f\t\t\n", en.VsBaseline)
+	}
+	if rt := sc.Retention; rt != nil {
+		printDrainStat(tw, fmt.Sprintf("drain over %d old rows", rt.OldRows), rt.Without)
+		printDrainStat(tw, "  same, retention deleting", rt.With)
+		fmt.Fprintf(tw, "  with vs without\t%.2f\t\t\n", rt.WithVsWithout)
+		fmt.Fprintf(tw, "  retention deleted\t%.0f\trows/s\t\n", rt.DeletedPerSec)
+		fmt.Fprintf(tw, "  retention keeps up with the drain\t%v\t\t\n", rt.KeepsUp)
 	}
 }
 

@@ -65,6 +65,17 @@ type Config struct {
 	// Scale, when set, adds a drain of the backlog in a table that already
 	// holds each of these numbers of SUCCESS rows.
 	Scale []int
+	// ScaleCases, when set, adds these scale scenarios (ScaleCaseNames):
+	// a READY backlog of ScaleBacklog events [1000000], drained with the
+	// rates over its first and last tenth; the backlog past ScaleBlocked
+	// blocked entities [10000]; the backlog over ScaleEntities entities
+	// [100000]; and the backlog over ScaleRetentionRows old SUCCESS rows
+	// [10000000] with and without the retention chore deleting them.
+	ScaleCases         []string
+	ScaleBacklog       int
+	ScaleBlocked       int
+	ScaleEntities      int
+	ScaleRetentionRows int
 	// PublisherBin is the publisher binary whose idle cost is measured.
 	// Empty skips that measurement.
 	PublisherBin string
@@ -88,6 +99,7 @@ func (c Config) withDefaults() Config {
 	c.SweepDuration = cmp.Or(c.SweepDuration, 5*time.Second)
 	c.Partitions = cmp.Or(c.Partitions, 12)
 	c.StreamReplicas = cmp.Or(c.StreamReplicas, 1)
+	c = c.scaleDefaults()
 	if c.Progress == nil {
 		c.Progress = io.Discard
 	}
@@ -141,14 +153,15 @@ type Result struct {
 	Machine Machine      `json:"machine"`
 	Sweep   *Sweep       `json:"sweep,omitempty"`
 	Scale   []ScalePoint `json:"scale,omitempty"`
+	// ScaleCases are the scale scenarios Config.ScaleCases asked for.
+	ScaleCases *ScaleCases `json:"scale_cases,omitempty"`
 }
 
 // ScalePoint is the drain of the backlog in a table that already held
 // SuccessRows published events.
 type ScalePoint struct {
-	SuccessRows  int     `json:"success_rows"`
-	EventsPerSec float64 `json:"events_per_sec"`
-	Cost         cost    `json:"cost"`
+	SuccessRows int `json:"success_rows"`
+	DrainStat
 }
 
 // Sweep is latency across offered rates and drain throughput across batch
@@ -202,6 +215,9 @@ type env struct {
 // Run measures everything Config asks for and cleans up after itself.
 func Run(ctx context.Context, cfg Config) (*Result, error) {
 	cfg = cfg.withDefaults()
+	if err := checkScaleCases(cfg.ScaleCases); err != nil {
+		return nil, err
+	}
 	e, cleanup, err := setup(ctx, cfg)
 	if err != nil {
 		return nil, err
@@ -277,11 +293,16 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		}
 	}
 	for _, n := range cfg.Scale {
-		d, err := e.drainCost(ctx, drainRun{batch: cfg.BatchSize, success: n})
+		d, err := e.drainCost(ctx, drainRun{batch: cfg.BatchSize, success: n, timeClaims: true})
 		if err != nil {
 			return nil, fmt.Errorf("drain over %d SUCCESS rows: %w", n, err)
 		}
-		res.Scale = append(res.Scale, ScalePoint{SuccessRows: n, EventsPerSec: d.eventsPerSec, Cost: d.cost})
+		res.Scale = append(res.Scale, ScalePoint{SuccessRows: n, DrainStat: statOf(d)})
+	}
+	if len(cfg.ScaleCases) > 0 {
+		if res.ScaleCases, err = e.scaleCases(ctx); err != nil {
+			return nil, err
+		}
 	}
 	if cfg.PublisherBin != "" {
 		cpu, rss, err := e.idle(ctx)
@@ -385,9 +406,9 @@ func (e *env) reset(ctx context.Context) error {
 	return s.Purge(ctx)
 }
 
-// prewrite writes n events over the configured entities in large
-// transactions.
-func (e *env) prewrite(ctx context.Context, n int, subject string) error {
+// prewrite writes n events over entities entities in large transactions,
+// through the writer.
+func (e *env) prewrite(ctx context.Context, n, entities int, subject string) error {
 	payload := makePayload(e.cfg.Payload)
 	const chunk = 2000
 	e.prog.start("write backlog", n)
@@ -395,7 +416,7 @@ func (e *env) prewrite(ctx context.Context, n int, subject string) error {
 		k := min(chunk, n-done)
 		evs := make([]outbox.Event, k)
 		for i := range evs {
-			evs[i] = outbox.Event{EntityType: "bench", EntityID: fmt.Sprint((done + i) % e.cfg.Entities),
+			evs[i] = outbox.Event{EntityType: "bench", EntityID: fmt.Sprint((done + i) % entities),
 				Type: "Tick", Subject: subject, Data: payload}
 		}
 		tx, err := e.db.BeginTx(ctx, nil)

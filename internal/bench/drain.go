@@ -29,8 +29,28 @@ type drainRun struct {
 	// rt, when set, counts db's round trips during the measurement.
 	rt *rtProxy
 	// success rows already published are put in the table, below the
-	// backlog, before it is written.
+	// backlog, before it is written; with old, they were published two
+	// days ago, past the retention the run may apply.
 	success int
+	old     bool
+	// keep drains over the table as the last run left it, instead of
+	// emptying it first.
+	keep bool
+	// entities overrides the configured number the backlog spreads over.
+	entities int
+	// blocked entities, each with a FAILED event and blockedBehind READY
+	// events after it, are written below the backlog.
+	blocked int
+	// bulk writes the backlog in INSERT … SELECT statements rather than
+	// through the writer, and vacuums and analyzes the table after.
+	bulk bool
+	// window, when positive, also measures the rates over the first and
+	// the last window events drained.
+	window int
+	// timeClaims times the publisher's claims (claimtime.go).
+	timeClaims bool
+	// retention runs the retention chore while the backlog drains.
+	retention bool
 }
 
 // drainResult is what one drain measured.
@@ -39,6 +59,12 @@ type drainResult struct {
 	cost         cost
 	batches      int64
 	roundTrips   int64
+	claims       ClaimLatency
+	// With window: the rates and claims over the first and last window
+	// events.
+	first, last             float64
+	claimsFirst, claimsLast ClaimLatency
+	retention               retentionResult
 }
 
 // drain pre-writes the backlog and measures how fast the publishers of r
@@ -58,15 +84,7 @@ func (e *env) drain(ctx context.Context, r drainRun) (float64, error) {
 func (e *env) drainCost(ctx context.Context, r drainRun) (drainResult, error) {
 	var out drainResult
 	events := cmp.Or(r.events, e.cfg.Events)
-	if err := e.reset(ctx); err != nil {
-		return out, err
-	}
-	if r.success > 0 {
-		if err := e.published(ctx, r.success); err != nil {
-			return out, err
-		}
-	}
-	if err := e.prewrite(ctx, events, e.prefix+".drain"); err != nil {
+	if err := e.fill(ctx, r, events); err != nil {
 		return out, err
 	}
 	const placeholder = "bench-placeholder"
@@ -76,9 +94,27 @@ func (e *env) drainCost(ctx context.Context, r drainRun) (drainResult, error) {
 			return out, fmt.Errorf("hold the leases: %w", err)
 		}
 	}
+	var claims *stmtTimer
+	if r.timeClaims {
+		claims = &stmtTimer{match: isClaim}
+		db, err := claims.open(e.dsn)
+		if err != nil {
+			return out, err
+		}
+		defer db.Close()
+		r.db = db
+	}
 	rctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	defer func() { cancel(); wg.Wait() }()
+	var ret *retentionRun
+	if r.retention {
+		var err error
+		if ret, err = e.startRetention(rctx); err != nil {
+			return out, err
+		}
+		defer ret.stop()
+	}
 	var ps []*poller.Poller
 	for i := range max(r.replicas, 1) {
 		db := e.db.DB
@@ -134,20 +170,30 @@ func (e *env) drainCost(ctx context.Context, r drainRun) (drainResult, error) {
 		name = "claim+mark only"
 	case r.replicas > 0:
 		name = fmt.Sprintf("drain, replicas=%d", r.replicas)
+	case r.retention:
+		name = "drain, retention on"
 	}
 	e.prog.start(name, events)
-	err = waitFor(ctx, 10*time.Minute, func() (bool, error) {
+	track := progressTrack{{at: start}}
+	err = waitFor(ctx, 30*time.Minute, func() (bool, error) {
 		n := 0
 		for _, p := range ps {
 			n += int(p.Stats().Published)
 		}
 		e.prog.set(n)
+		if r.window > 0 {
+			track = append(track, trackPoint{at: time.Now(), n: n})
+		}
 		return n >= events, nil
 	})
-	elapsed := time.Since(start)
+	end := time.Now()
+	elapsed := end.Sub(start)
 	out.cost = meter.stop(ctx, events)
 	if r.rt != nil {
 		out.roundTrips = r.rt.n.Load() - rt0
+	}
+	if ret != nil {
+		out.retention = ret.stop()
 	}
 	e.prog.done()
 	if err != nil {
@@ -157,23 +203,141 @@ func (e *env) drainCost(ctx context.Context, r drainRun) (drainResult, error) {
 		out.batches += p.Stats().Batches
 	}
 	out.eventsPerSec = float64(events) / elapsed.Seconds()
+	if claims != nil {
+		out.claims = claims.latency(start, end)
+	}
+	if r.window > 0 {
+		// The first window starts with the first claim, when timed: the
+		// publisher's start (connections, leadership) is not the backlog's.
+		w, from := min(r.window, events), start
+		if claims != nil {
+			if t := claims.firstStart(); t.After(from) {
+				from = t
+			}
+		}
+		t1, t2 := track.when(w), track.when(events-w)
+		out.first = float64(w) / t1.Sub(from).Seconds()
+		out.last = float64(w) / track.when(events).Sub(t2).Seconds()
+		if claims != nil {
+			out.claimsFirst = claims.latencyOfRows(0, int64(w))
+			out.claimsLast = claims.latencyOfRows(int64(events-w), int64(events))
+		}
+	}
 	return out, nil
 }
 
-// published puts n SUCCESS events in the table in one statement, then
-// vacuums and analyzes it, as a table that has been publishing for a while.
-func (e *env) published(ctx context.Context, n int) error {
-	e.prog.start(fmt.Sprintf("write %d SUCCESS rows", n), 1)
-	if _, err := e.db.ExecContext(ctx, `INSERT INTO events (event_id, event_target, event_type,
-			entity_type, entity_id, event_data, event_status, published_at)
-		SELECT gen_random_uuid(), $1, 'Tick', 'bench', (g % $2)::text, $3, 'SUCCESS', now()
-		FROM generate_series(1, $4) g`, e.prefix+".old", e.cfg.Entities, makePayload(e.cfg.Payload), n); err != nil {
-		return fmt.Errorf("write SUCCESS rows: %w", err)
+// trackPoint is the count of events published at a time.
+type trackPoint struct {
+	at time.Time
+	n  int
+}
+
+// progressTrack is a drain's published counts, read every few
+// milliseconds.
+type progressTrack []trackPoint
+
+// when returns the time the count reached n, interpolated between the
+// readings around it, so that a rate over a window never divides by zero.
+func (t progressTrack) when(n int) time.Time {
+	for i := 1; i < len(t); i++ {
+		if t[i].n >= n {
+			a, b := t[i-1], t[i]
+			if b.n == a.n {
+				return b.at
+			}
+			f := float64(n-a.n) / float64(b.n-a.n)
+			return a.at.Add(time.Duration(f * float64(b.at.Sub(a.at))))
+		}
 	}
-	if _, err := e.db.ExecContext(ctx, `VACUUM ANALYZE events`); err != nil {
-		return fmt.Errorf("vacuum: %w", err)
+	return t[len(t)-1].at
+}
+
+// blockedBehind is how many READY events wait behind the FAILED event of
+// each blocked entity.
+const blockedBehind = 3
+
+// fill prepares the table for drain r: the rows already there, then a
+// backlog of events events.
+func (e *env) fill(ctx context.Context, r drainRun, events int) error {
+	if !r.keep {
+		if err := e.reset(ctx); err != nil {
+			return err
+		}
 	}
-	e.prog.set(1)
+	entities := cmp.Or(r.entities, e.cfg.Entities)
+	payload := makePayload(e.cfg.Payload)
+	published := "now()"
+	if r.old {
+		published = "now() - interval '2 days'"
+	}
+	steps := []bulkInsert{
+		{name: "SUCCESS rows", n: r.success, entities: e.cfg.Entities, subject: e.prefix + ".old",
+			cols: "'SUCCESS', 0, NULL, " + published},
+		// Each blocked entity: its FAILED event, then the READY ones.
+		{name: "blocked entities", n: r.blocked, entities: r.blocked, entityPrefix: "blocked-", subject: e.prefix + ".blocked",
+			cols: "'FAILED', 1, 'refused (bench)', NULL"},
+		{name: "blocked events", n: r.blocked * blockedBehind, entities: r.blocked, entityPrefix: "blocked-", subject: e.prefix + ".blocked",
+			cols: "'READY', 0, NULL, NULL"},
+	}
+	if r.bulk {
+		steps = append(steps, bulkInsert{name: "backlog", n: events, entities: entities, subject: e.prefix + ".drain",
+			cols: "'READY', 0, NULL, NULL"})
+	}
+	vacuum := false
+	for _, b := range steps {
+		if b.n > 0 {
+			if err := e.insertBulk(ctx, b, payload); err != nil {
+				return err
+			}
+			vacuum = true
+		}
+	}
+	if vacuum {
+		e.prog.start("vacuum analyze", 1)
+		if _, err := e.db.ExecContext(ctx, `VACUUM ANALYZE events`); err != nil {
+			return fmt.Errorf("vacuum: %w", err)
+		}
+		e.prog.set(1)
+		e.prog.done()
+	}
+	if r.bulk {
+		return nil
+	}
+	return e.prewrite(ctx, events, entities, e.prefix+".drain")
+}
+
+// bulkInsert is rows written with INSERT … SELECT generate_series, as a
+// table that has been in use for a while holds them.
+type bulkInsert struct {
+	name     string
+	n        int
+	entities int
+	// entityPrefix is put before the entity number, g % entities.
+	entityPrefix string
+	subject      string
+	// cols are the SQL values of event_status, attempts, last_error and
+	// published_at.
+	cols string
+}
+
+// bulkChunk is the rows of one INSERT: big enough to be cheap, small
+// enough for the progress to move.
+const bulkChunk = 500_000
+
+// insertBulk writes b's rows in statements of bulkChunk rows.
+func (e *env) insertBulk(ctx context.Context, b bulkInsert, payload []byte) error {
+	e.prog.start("write "+b.name, b.n)
+	for done := 0; done < b.n; done += bulkChunk {
+		to := min(done+bulkChunk, b.n)
+		if _, err := e.db.ExecContext(ctx, `INSERT INTO events (event_id, event_target, event_type,
+				entity_type, entity_id, event_data, event_status, attempts, last_error, published_at)
+			SELECT gen_random_uuid(), $1, 'Tick', 'bench', $2 || (g % $3)::text, $4, `+b.cols+`
+			FROM generate_series($5::int, $6::int) g`,
+			b.subject, b.entityPrefix, b.entities, payload, done+1, to); err != nil {
+			return fmt.Errorf("write %s: %w", b.name, err)
+		}
+		e.prog.set(to)
+	}
 	e.prog.done()
 	return nil
 }

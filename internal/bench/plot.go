@@ -207,26 +207,31 @@ func abs(v int) int {
 	return v
 }
 
-// PlotScale draws the --scale drains as a PNG: drain throughput (left) and
-// PostgreSQL's CPU per event (right) against the rows in the table (the
-// SUCCESS rows plus the backlog of backlog events), on a logarithmic x
-// axis.
+// PlotScale draws the --scale drains as a PNG: drain throughput (left),
+// PostgreSQL's CPU per event (middle) and the claims' latency (right)
+// against the rows in the table (the SUCCESS rows plus the backlog of
+// backlog events), on a logarithmic x axis.
 func PlotScale(w io.Writer, pts []ScalePoint, backlog int) error {
 	if len(pts) == 0 {
 		return fmt.Errorf("plot: no --scale points")
 	}
-	img := image.NewRGBA(image.Rect(0, 0, 1200, 520))
+	img := image.NewRGBA(image.Rect(0, 0, 1500, 520))
 	draw.Draw(img, img.Bounds(), image.White, image.Point{}, draw.Src)
-	var rows, eps, pg []float64
+	var rows, eps, pg, p50, p99 []float64
 	for _, p := range pts {
 		rows = append(rows, float64(p.SuccessRows+backlog))
 		eps, pg = append(eps, p.EventsPerSec), append(pg, p.Cost.PostgresUS)
+		p50, p99 = append(p50, p.Claims.P50), append(p99, p.Claims.P99)
 	}
-	left := panel{img: img, x0: 80, y0: 40, w: 470, h: 400, title: "drain events/s vs rows in the table"}
+	left := panel{img: img, x0: 80, y0: 40, w: 380, h: 400, title: "drain events/s vs rows in the table"}
 	left.axes(rows, append([]float64{0}, eps...))
 	left.line(rows, eps, color.RGBA{0x2c, 0xa0, 0x2c, 0xff}, "drain")
-	right := panel{img: img, x0: 680, y0: 40, w: 470, h: 400, title: "PostgreSQL CPU us/event vs rows in the table"}
-	right.axes(rows, append([]float64{0}, pg...))
-	right.line(rows, pg, color.RGBA{0xd6, 0x27, 0x28, 0xff}, "postgres")
+	mid := panel{img: img, x0: 580, y0: 40, w: 380, h: 400, title: "PostgreSQL CPU us/event vs rows"}
+	mid.axes(rows, append([]float64{0}, pg...))
+	mid.line(rows, pg, color.RGBA{0xd6, 0x27, 0x28, 0xff}, "postgres")
+	right := panel{img: img, x0: 1080, y0: 40, w: 380, h: 400, logY: true, title: "claim latency (ms) vs rows"}
+	right.axes(rows, append(append([]float64{}, p50...), p99...))
+	right.line(rows, p50, color.RGBA{0x1f, 0x77, 0xb4, 0xff}, "p50")
+	right.line(rows, p99, color.RGBA{0xd6, 0x27, 0x28, 0xff}, "p99")
 	return png.Encode(w, img)
 }
