@@ -293,7 +293,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		}
 	}
 	for _, n := range cfg.Scale {
-		d, err := e.drainCost(ctx, drainRun{batch: cfg.BatchSize, success: n, timeClaims: true})
+		d, err := e.drainCost(ctx, drainRun{batch: cfg.BatchSize, success: n, timeClaims: true, settle: true})
 		if err != nil {
 			return nil, fmt.Errorf("drain over %d SUCCESS rows: %w", n, err)
 		}

@@ -51,6 +51,9 @@ type drainRun struct {
 	timeClaims bool
 	// retention runs the retention chore while the backlog drains.
 	retention bool
+	// settle checkpoints before the drain, so that the WAL the table's
+	// preparation (or the drain before) wrote is not flushed during it.
+	settle bool
 }
 
 // drainResult is what one drain measured.
@@ -86,6 +89,10 @@ func (e *env) drainCost(ctx context.Context, r drainRun) (drainResult, error) {
 	events := cmp.Or(r.events, e.cfg.Events)
 	if err := e.fill(ctx, r, events); err != nil {
 		return out, err
+	}
+	if r.settle {
+		// Needs superuser or pg_checkpoint; without them, drain unsettled.
+		_, _ = e.db.ExecContext(ctx, `CHECKPOINT`)
 	}
 	const placeholder = "bench-placeholder"
 	if r.replicas > 0 {

@@ -31,7 +31,7 @@ type retentionRun struct {
 	cancel   context.CancelFunc
 	stopHK   func()
 	deletes  *stmtTimer
-	close    func() error
+	closeDB  func() error
 	once     sync.Once
 	finished retentionResult
 }
@@ -52,7 +52,7 @@ func (e *env) startRetention(ctx context.Context) (*retentionRun, error) {
 		db.Close()
 		return nil, fmt.Errorf("start retention: %w", err)
 	}
-	r := &retentionRun{cancel: cancel, stopHK: stop, deletes: deletes, close: db.Close}
+	r := &retentionRun{cancel: cancel, stopHK: stop, deletes: deletes, closeDB: db.Close}
 	if err := waitFor(ctx, 10*time.Second, func() (bool, error) {
 		n, _ := deletes.total()
 		return n > 0, nil
@@ -69,7 +69,7 @@ func (r *retentionRun) stop() retentionResult {
 	r.once.Do(func() {
 		r.cancel()
 		r.stopHK()
-		r.close() //nolint:errcheck
+		r.closeDB() //nolint:errcheck
 		deleted, span := r.deletes.total()
 		r.finished.deleted = deleted
 		if deleted > 0 && span > 0 {

@@ -111,7 +111,7 @@ func (e *env) scaleCases(ctx context.Context) (*ScaleCases, error) {
 	out := &ScaleCases{}
 	want := func(name string) bool { return slices.Contains(cfg.ScaleCases, name) }
 	drain := func(what string, r drainRun) (drainResult, error) {
-		r.batch, r.timeClaims = cfg.BatchSize, true
+		r.batch, r.timeClaims, r.settle = cfg.BatchSize, true, true
 		d, err := e.drainCost(ctx, r)
 		if err != nil {
 			return d, fmt.Errorf("%s: %w", what, err)
