@@ -58,8 +58,8 @@ type queries struct {
 //     skipping rows locked by anyone else (the batch in flight included),
 //     rows whose entity has an earlier event that is FAILED or waiting for
 //     a retry (attempts > 0, available_at in the future), and rows of the
-//     entities held back by recent claims (see 4), reading only their seq,
-//     entity and size (rowBytesSQL; no payload); keep of them the first, in
+//     entities held back by recent claims (see 4), with their size
+//     (rowBytesSQL; an out-of-line payload is not read); keep of them the first, in
 //     seq order, within a number of bytes (always at least one row); the
 //     fence makes the select empty when this process lost leadership, and
 //     in partitioned mode limits it to the partitions it leases. The budget
@@ -82,21 +82,21 @@ type queries struct {
 //     fill batch after batch. This is the rule of order: an event is sent
 //     only when every earlier event of its entity is SUCCESS or was sent
 //     ahead of it by this publisher, in seq order;
-//  5. read the payloads of the rows kept, by seq.
+//  5. return the rows kept, in seq order, each with whether it is held.
 //
 // In SQL, with R the row limit, B the byte budget, F the inflight seqs
 // and ok(e) the conditions of step 3 (due, not held back, fenced):
 //
-//	l = SELECT seq, entity, size FROM events e WHERE ok(e)
+//	l = SELECT e.*, size FROM events e WHERE ok(e)
 //	    ORDER BY seq LIMIT R FOR UPDATE SKIP LOCKED
-//	c = SELECT seq, entity FROM (SELECT *, sum(size) OVER (ORDER BY seq) AS running FROM l)
+//	c = SELECT * FROM (SELECT *, sum(size) OVER (ORDER BY seq) AS running FROM l)
 //	    WHERE running <= B OR running = size
 //	held(e) = EXISTS (SELECT 1 FROM events b
 //	                  WHERE b.entity = e.entity AND b.seq < e.seq
 //	                    AND b.event_status = 'READY'
 //	                    AND b.seq NOT IN (SELECT seq FROM c)
 //	                    AND b.seq <> ALL(F))
-//	SELECT e.*, held(e) FROM c JOIN events e USING (seq) ORDER BY seq
+//	SELECT c.*, held(c) FROM c ORDER BY seq
 //
 // held is computed for all of c at once: the READY rows below c's last seq
 // that are neither in c nor in F, grouped by entity, each entity's smallest
@@ -153,12 +153,14 @@ func newQueries(table, leases string, partitions int) queries {
 				WHERE x.t = e.entity_type AND x.i = e.entity_id)`
 	q := queries{
 		probe: `SELECT EXISTS (SELECT 1 FROM ` + table + ` e WHERE ` + due + `)`,
-		// The claim locks first, reading sizes only (octet_length does not
-		// detoast), then keeps the rows the byte budget allows among those
-		// it locked (a window function cannot share a SELECT with FOR
-		// UPDATE), then reads the payloads of the rows kept.
+		// The claim locks first, then keeps the rows the byte budget allows
+		// among those it locked (a window function cannot share a SELECT
+		// with FOR UPDATE). The rows locked are read whole: a payload
+		// stored out of line stays a pointer until the rows kept are sent
+		// (octet_length does not detoast either), and reading them again
+		// by seq cost 500 index lookups a batch.
 		claim: `WITH l AS MATERIALIZED (
-			SELECT e.seq, e.entity_type, e.entity_id, ` + rowBytesSQL("e") + ` AS size
+			SELECT ` + claimColumns("e") + `, ` + rowBytesSQL("e") + ` AS size
 			FROM ` + table + ` e
 			WHERE ` + due + `
 			  AND ` + notHeld + `
@@ -166,9 +168,8 @@ func newQueries(table, leases string, partitions int) queries {
 			ORDER BY e.seq
 			LIMIT $1
 			FOR UPDATE OF e SKIP LOCKED),
-		c AS MATERIALIZED (SELECT s.seq, s.entity_type, s.entity_id
-			FROM (SELECT l.seq, l.entity_type, l.entity_id, l.size,
-					sum(l.size) OVER (ORDER BY l.seq ROWS UNBOUNDED PRECEDING) AS running
+		c AS MATERIALIZED (SELECT ` + claimColumns("s") + `
+			FROM (SELECT l.*, sum(l.size) OVER (ORDER BY l.seq ROWS UNBOUNDED PRECEDING) AS running
 				FROM l) s
 			WHERE s.running <= $2 OR s.running = s.size),
 		h AS MATERIALIZED (SELECT o.entity_type, o.entity_id, min(o.seq) AS first
@@ -178,10 +179,8 @@ func newQueries(table, leases string, partitions int) queries {
 			  AND o.seq NOT IN (SELECT unnest(coalesce($3::bigint[], '{}')))
 			  AND coalesce((o.entity_type, o.entity_id) IN (SELECT c.entity_type, c.entity_id FROM c), false)
 			GROUP BY o.entity_type, o.entity_id)
-		SELECT e.event_id, e.seq, e.event_target, e.event_type, e.entity_type, e.entity_id,
-			e.event_data, e.headers, e.attempts, e.created_at, coalesce(c.seq > h.first, false) AS held
-		FROM c JOIN ` + table + ` e ON e.seq = c.seq
-		LEFT JOIN h ON h.entity_type = c.entity_type AND h.entity_id = c.entity_id
+		SELECT ` + claimColumns("c") + `, coalesce(c.seq > h.first, false) AS held
+		FROM c LEFT JOIN h ON h.entity_type = c.entity_type AND h.entity_id = c.entity_id
 		ORDER BY c.seq`,
 		markDone: `UPDATE ` + table + ` e
 			SET event_status = 'SUCCESS', published_at = now()
@@ -233,6 +232,20 @@ func claimBeginSQL(l txLimits, ns int, tableOID int64, parts []int) string {
 	for _, k := range parts {
 		fmt.Fprintf(&b, `,
 		pg_advisory_xact_lock_shared(%s)`, partitionKey(tableOID, k))
+	}
+	return b.String()
+}
+
+// claimColumns are the columns of a claimed row (scanRows), of the events
+// row or claim CTE aliased alias.
+func claimColumns(alias string) string {
+	var b strings.Builder
+	for i, c := range []string{"event_id", "seq", "event_target", "event_type", "entity_type", "entity_id",
+		"event_data", "headers", "attempts", "created_at"} {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		b.WriteString(alias + "." + c)
 	}
 	return b.String()
 }
