@@ -42,7 +42,7 @@ type drainRun struct {
 	// events after it, are written below the backlog.
 	blocked int
 	// bulk writes the backlog in INSERT … SELECT statements rather than
-	// through the writer, and vacuums and analyzes the table after.
+	// through the writer.
 	bulk bool
 	// window, when positive, also measures the rates over the first and
 	// the last window events drained.
@@ -51,8 +51,10 @@ type drainRun struct {
 	timeClaims bool
 	// retention runs the retention chore while the backlog drains.
 	retention bool
-	// settle checkpoints before the drain, so that the WAL the table's
-	// preparation (or the drain before) wrote is not flushed during it.
+	// settle vacuums and analyzes the table once it is filled, backlog
+	// included, and checkpoints before the drain, so that the WAL the
+	// table's preparation (or the drain before) wrote is not flushed
+	// during it.
 	settle bool
 }
 
@@ -290,27 +292,31 @@ func (e *env) fill(ctx context.Context, r drainRun, events int) error {
 		steps = append(steps, bulkInsert{name: "backlog", n: events, entities: entities, subject: e.prefix + ".drain",
 			cols: "'READY', 0, NULL, NULL"})
 	}
-	vacuum := false
 	for _, b := range steps {
 		if b.n > 0 {
 			if err := e.insertBulk(ctx, b, payload); err != nil {
 				return err
 			}
-			vacuum = true
 		}
 	}
-	if vacuum {
-		e.prog.start("vacuum analyze", 1)
-		if _, err := e.db.ExecContext(ctx, `VACUUM ANALYZE events`); err != nil {
-			return fmt.Errorf("vacuum: %w", err)
+	if !r.bulk {
+		if err := e.prewrite(ctx, events, entities, e.prefix+".drain"); err != nil {
+			return err
 		}
-		e.prog.set(1)
-		e.prog.done()
 	}
-	if r.bulk {
+	if !r.settle {
 		return nil
 	}
-	return e.prewrite(ctx, events, entities, e.prefix+".drain")
+	// Statistics as the table now stands: else the plan would follow what
+	// the last drain left (a TRUNCATE keeps them), and one drain's figure
+	// would depend on which ran before it.
+	e.prog.start("vacuum analyze", 1)
+	if _, err := e.db.ExecContext(ctx, `VACUUM ANALYZE events`); err != nil {
+		return fmt.Errorf("vacuum: %w", err)
+	}
+	e.prog.set(1)
+	e.prog.done()
+	return nil
 }
 
 // bulkInsert is rows written with INSERT … SELECT generate_series, as a
