@@ -68,18 +68,17 @@ func StartHousekeeping(ctx context.Context, h Housekeeping) (stop func(), err er
 	if h.Logger == nil {
 		h.Logger = slog.New(slog.DiscardHandler)
 	}
-	c := cron.New(cron.WithLocation(time.UTC))
+	// A chore slower than its schedule skips a turn rather than running
+	// twice at once: two retention runs would select the same rows and
+	// wait on each other's locks, and refreshes would pile up queries.
+	c := cron.New(cron.WithLocation(time.UTC), cron.WithChain(cron.SkipIfStillRunning(cron.DiscardLogger)))
 	if h.BacklogSchedule != "" {
 		if _, err := c.AddFunc(h.BacklogSchedule, func() { h.logBacklog(ctx) }); err != nil {
 			return nil, fmt.Errorf("backlog schedule %q: %w", h.BacklogSchedule, err)
 		}
 	}
 	if h.MetricsSchedule != "" && h.Metrics != nil {
-		// A refresh slower than its schedule skips a turn rather than
-		// piling up queries.
-		job := cron.NewChain(cron.SkipIfStillRunning(cron.DiscardLogger)).
-			Then(cron.FuncJob(func() { h.refreshMetrics(ctx, name.Quoted()) }))
-		if _, err := c.AddJob(h.MetricsSchedule, job); err != nil {
+		if _, err := c.AddFunc(h.MetricsSchedule, func() { h.refreshMetrics(ctx, name.Quoted()) }); err != nil {
 			return nil, fmt.Errorf("metrics schedule %q: %w", h.MetricsSchedule, err)
 		}
 	}

@@ -41,6 +41,44 @@ func TestHousekeepingDeletesOnlyOldPublishedEvents(t *testing.T) {
 	require.Equal(t, 50, b.db.Count(t, "FAILED"))
 }
 
+// A retention run that outlasts its schedule (here, waiting on a row lock)
+// is not joined by a second one selecting the same rows.
+func TestRetentionRunsOneAtATime(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	b.write(t, outbox.Event{EntityType: "order", EntityID: "1", Type: "Changed", Subject: b.prefix + ".order", Data: 1},
+		outbox.Event{EntityType: "order", EntityID: "1", Type: "Changed", Subject: b.prefix + ".order", Data: 2})
+	_, err := b.db.Exec(`UPDATE events SET event_status = 'SUCCESS', published_at = now() - interval '2 hours'`)
+	require.NoError(t, err)
+	lock, err := b.db.Begin()
+	require.NoError(t, err)
+	t.Cleanup(func() { lock.Rollback() }) //nolint:errcheck
+	_, err = lock.Exec(`SELECT 1 FROM events ORDER BY seq LIMIT 1 FOR UPDATE`)
+	require.NoError(t, err)
+
+	stop, err := poller.StartHousekeeping(context.Background(), poller.Housekeeping{
+		DB: b.db.DB.DB, Table: "events", Logger: testLogger(t),
+		RetentionSchedule: "@every 1s", Retention: time.Hour,
+	})
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		lock.Rollback() //nolint:errcheck // first: stop waits for the run blocked on it
+		stop()
+	})
+	waiting := func() int {
+		var n int
+		require.NoError(t, b.db.Get(&n, `SELECT count(*) FROM pg_stat_activity
+			WHERE datname = current_database() AND wait_event_type = 'Lock'
+			  AND query LIKE 'DELETE FROM "events"%' AND query LIKE '%' || $1 || '%'`, "event_status = 'SUCCESS'"))
+		return n
+	}
+	testenv.Eventually(t, 10*time.Second, func() bool { return waiting() >= 1 }, "a retention run waits on the lock")
+	time.Sleep(3 * time.Second) // three more turns of the schedule
+	require.Equal(t, 1, waiting(), "retention runs waiting on the same rows")
+	require.NoError(t, lock.Rollback())
+	testenv.Eventually(t, 10*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == 0 }, "old events deleted once the lock is gone")
+}
+
 func TestHousekeepingDeletesOnlyOldProcessedMessages(t *testing.T) {
 	t.Parallel()
 	db := testenv.NewDB(t)
