@@ -539,8 +539,8 @@ func (m *markJob) run(ctx context.Context) error {
 // userHeaders decodes a row's stored headers.
 func (r *row) userHeaders() (map[string]string, error) {
 	var h map[string]string
-	if len(r.headers) == 0 {
-		return nil, nil
+	if len(r.headers) == 0 || string(r.headers) == "{}" {
+		return nil, nil // most events carry none: skip the decoder
 	}
 	if err := json.Unmarshal(r.headers, &h); err != nil {
 		return nil, fmt.Errorf("headers: %w", err)
