@@ -4,7 +4,7 @@
 # override them).
 GO ?= go
 
-.PHONY: demo test deps build bench faults vet fmt
+.PHONY: demo test deps build bench bench-watermill faults vet fmt
 
 demo:
 	$(GO) run ./examples/order-service
@@ -24,6 +24,13 @@ build:
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./pkg/...
+
+# Watermill's SQL-to-JetStream forwarder on the drain workload of
+# `publisher bench`, for the same-run comparison (bench/watermill/README.md).
+# A module of its own, so the project never depends on Watermill; not part
+# of `make test`. Pass flags with WATERMILL_ARGS='--events 10000'.
+bench-watermill:
+	cd bench/watermill && $(GO) run . $(WATERMILL_ARGS)
 
 # The fault-injection suite (docs/RELIABILITY.md): the real publisher binary
 # under SIGKILL, SIGTERM, terminated backends, broker outages and more.
