@@ -217,7 +217,8 @@ func TestPgBouncer(t *testing.T) {
 		p.WaitLog(t, logLeaderElected, 15*time.Second)
 		first := b.writeAll(t, entityNames("e", 5), 30)
 		b.waitAllSuccess(t, first.written(), 30*time.Second)
-		time.Sleep(500 * time.Millisecond) // let it fall asleep (idle after 250ms)
+		testenv.Eventually(t, 10*time.Second, func() bool { return b.db.Sleeping(t) },
+			"the idle publisher sleeps on the sleep lock, waiting for a NOTIFY")
 		require.NoError(t, first.write(context.Background(), 30, 5))
 		b.waitAllSuccess(t, first.written(), 30*time.Second)
 		requireInOrder(t, readStream(t, b.js, b.stream), first.next)

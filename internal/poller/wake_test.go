@@ -15,15 +15,6 @@ import (
 	"github.com/pgnats/outbox/schema"
 )
 
-// sleeping reports whether a publisher holds the sleep lock of the test's
-// events table, i.e. waits for a NOTIFY.
-func (b *bundle) sleeping(t *testing.T) bool {
-	return b.db.Int(t, `SELECT count(*) FROM pg_locks
-		WHERE locktype = 'advisory' AND classid = $1::bigint::oid
-		  AND objid = to_regclass('events')::oid AND objsubid = 2 AND granted`,
-		schema.SleepLockNamespace) == 1
-}
-
 // A publisher with nothing to do goes to sleep on the sleep lock; an insert
 // then NOTIFYs it, and the event is published long before the fallback poll
 // would have found it. Per poll, the publisher would wait an hour here.
@@ -35,7 +26,7 @@ func TestNotifyWakesASleepingPublisher(t *testing.T) {
 	b.start(t, cfg)
 
 	for round := range 3 {
-		testenv.Eventually(t, 10*time.Second, func() bool { return b.sleeping(t) },
+		testenv.Eventually(t, 10*time.Second, func() bool { return b.db.Sleeping(t) },
 			"round %d: the idle publisher sleeps", round)
 		b.write(t, changes(b.prefix+".order.changed", 1, 1)...)
 		testenv.Eventually(t, 20*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == round+1 },
@@ -56,7 +47,7 @@ func TestPollOnlyPublisherNeverSleepsOnTheLock(t *testing.T) {
 	// Watch it idle for four times as long as a listening publisher takes
 	// to fall asleep: it never takes the lock.
 	for end := time.Now().Add(time.Second); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
-		require.False(t, b.sleeping(t), "a poll-only publisher took the sleep lock")
+		require.False(t, b.db.Sleeping(t), "a poll-only publisher took the sleep lock")
 	}
 }
 
@@ -70,7 +61,7 @@ func TestIdlePartitionedPublisherIsNotWokenByItsOwnNotify(t *testing.T) {
 	cfg := partitioned(4, "r1")
 	cfg.PollInterval = time.Hour
 	b.start(t, cfg)
-	testenv.Eventually(t, 10*time.Second, func() bool { return b.sleeping(t) }, "the idle publisher sleeps")
+	testenv.Eventually(t, 10*time.Second, func() bool { return b.db.Sleeping(t) }, "the idle publisher sleeps")
 
 	l := pq.NewListener(b.db.DSN, 100*time.Millisecond, time.Second, nil)
 	t.Cleanup(func() { l.Close() })
@@ -199,7 +190,7 @@ func TestEventWrittenWhileListenConnectionIsDownIsPublished(t *testing.T) {
 	listen := `LISTEN ` + pq.QuoteIdentifier(schema.Channel(int64(b.db.Int(t, `SELECT to_regclass('events')::oid::int`))))
 
 	for round := range 4 {
-		testenv.Eventually(t, 10*time.Second, func() bool { return b.sleeping(t) },
+		testenv.Eventually(t, 10*time.Second, func() bool { return b.db.Sleeping(t) },
 			"round %d: the idle publisher sleeps", round)
 		var pid int
 		testenv.Eventually(t, 10*time.Second, func() bool {
@@ -226,12 +217,12 @@ func TestEventWrittenAfterTheSleepingLockSessionDiedIsPublished(t *testing.T) {
 	cfg.PollInterval = time.Hour
 	b.start(t, cfg)
 	for round := range 2 {
-		testenv.Eventually(t, 10*time.Second, func() bool { return b.sleeping(t) },
+		testenv.Eventually(t, 10*time.Second, func() bool { return b.db.Sleeping(t) },
 			"round %d: the idle publisher sleeps", round)
 		require.Equal(t, 1, b.db.Int(t, `SELECT count(pg_terminate_backend(pid)) FROM pg_locks
 			WHERE locktype = 'advisory' AND classid = $1::bigint::oid
 			  AND objid = to_regclass('events')::oid AND objsubid = 2 AND granted`, schema.SleepLockNamespace))
-		testenv.Eventually(t, 10*time.Second, func() bool { return !b.sleeping(t) },
+		testenv.Eventually(t, 10*time.Second, func() bool { return !b.db.Sleeping(t) },
 			"round %d: the sleep lock died with its session", round)
 		b.write(t, changes(b.prefix+".order.changed", 1, 1)...)
 		testenv.Eventually(t, 20*time.Second, func() bool { return b.db.Count(t, "SUCCESS") == round+1 },

@@ -172,6 +172,16 @@ func (db *DB) Count(t testing.TB, status string) int {
 	return db.Int(t, `SELECT count(*) FROM events WHERE event_status = $1`, status)
 }
 
+// Sleeping reports whether a publisher holds the sleep lock of the test's
+// events table, that is waits for a NOTIFY (schema.SleepLockNamespace).
+func (db *DB) Sleeping(t testing.TB) bool {
+	t.Helper()
+	return db.Int(t, `SELECT count(*) FROM pg_locks
+		WHERE locktype = 'advisory' AND classid = $1::bigint::oid
+		  AND objid = to_regclass('events')::oid AND objsubid = 2 AND granted`,
+		schema.SleepLockNamespace) == 1
+}
+
 // IDs returns the ids of the events in status ("" for all), in seq order.
 func (db *DB) IDs(t testing.TB, status string) []string {
 	t.Helper()
