@@ -466,19 +466,11 @@ type refusal struct {
 	attempts  int // before this refusal
 }
 
-// mark records the outcome of a batch in the claim transaction and commits.
-func (p *Poller) mark(ctx context.Context, tx *sql.Tx, acked []int64, refused []refusal) error {
-	m, err := p.markJob(ctx, tx, acked, refused)
-	if err != nil {
-		tx.Rollback() //nolint:errcheck
-		return err
-	}
-	return m.run(ctx)
-}
-
-// markJob is a batch's mark, ready to run: its statements and their
+// markJob is a batch's mark, which records its outcome in the claim
+// transaction and commits, ready to run: its statements and their
 // arguments, taken from the Poller by the loop goroutine, so that run
-// touches nothing of the Poller's and may run on another goroutine.
+// touches nothing of the Poller's and may run on another goroutine (see
+// finish).
 type markJob struct {
 	tx       *sql.Tx
 	done     *sql.Stmt // markDone, bound to tx; nil when nothing was acked
@@ -489,9 +481,9 @@ type markJob struct {
 }
 
 // markJob prepares the mark of a batch: the rows published, found by seq
-// (the claim's rows are in seq order, so the lookups walk the seq index
-// forward, where event ids would scatter them over the primary key), and
-// each refused row.
+// (the claim's rows are in seq order, so the lookups walk the READY index
+// forward; by event id, on statistics taken before a backlog, the planner
+// compared every READY row with the ids), and each refused row.
 func (p *Poller) markJob(ctx context.Context, tx *sql.Tx, acked []int64, refused []refusal) (*markJob, error) {
 	m := &markJob{tx: tx, acked: len(acked), retry: p.q.markRetry}
 	if len(acked) > 0 {
