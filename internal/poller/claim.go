@@ -117,8 +117,12 @@ type queries struct {
 // claim over a large blocked backlog may be slow, and a bound would make it
 // fail every time, publishing nothing.
 func newQueries(table, leases string, partitions int) queries {
-	// due selects rows e that may be published now.
-	due := `e.event_status = 'READY' AND e.available_at <= now()
+	// due selects rows e that may be published now: the time is the
+	// claim statement's, not its transaction's. now() is when the claim's
+	// BEGIN ran, two round trips earlier, and an event committed meanwhile
+	// (its available_at is its own transaction's start) is seen by the
+	// statement yet was not due before it, so it waited for the next claim.
+	due := `e.event_status = 'READY' AND e.available_at <= statement_timestamp()
 			  AND NOT EXISTS (
 				SELECT 1 FROM ` + table + ` b
 				WHERE b.entity_type = e.entity_type AND b.entity_id = e.entity_id AND b.seq < e.seq
