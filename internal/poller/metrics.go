@@ -180,9 +180,9 @@ func (m *Metrics) acked(sent time.Time) {
 	}
 }
 
-func (m *Metrics) batch(claimed, acked int, start time.Time) {
+func (m *Metrics) batch(claimed, acked int, d time.Duration) {
 	if m != nil {
-		m.BatchDuration.Observe(time.Since(start).Seconds())
+		m.BatchDuration.Observe(d.Seconds())
 		m.BatchSize.Observe(float64(claimed))
 		m.Events.WithLabelValues(OutcomeSuccess).Add(float64(acked))
 	}

@@ -83,7 +83,10 @@ type Config struct {
 	// of its connections at once (a claim, the batch in flight, a mark in
 	// the background): keep SetMaxIdleConns at 3 or more (database/sql's
 	// default is 2), or the pool closes and reopens a connection, and
-	// prepares the statements again, every batch.
+	// prepares the statements again, every batch. If SetMaxOpenConns is
+	// set, give it 4 or more: the loop prepares its statements on the pool,
+	// which takes a connection besides those it holds, so with 2 it stalls
+	// and with 3 a statement prepared again under load waits for a mark.
 	DB *sql.DB
 	// DSN opens the session-level connections: LISTEN and the leader
 	// lock. It must reach PostgreSQL directly, not through a pooler in

@@ -108,7 +108,7 @@ func (p *Poller) step(ctx context.Context) (n int, healthy bool, err error) {
 	if prev != nil && (p.careful() || p.slowClaims) {
 		// No pipelining while careful, or while claims are slow (see
 		// claimLimits): the batch ahead is finished before the next claim.
-		if err := p.finish(ctx, prev, false); err != nil {
+		if _, err := p.finish(ctx, prev, false); err != nil {
 			return 0, false, err
 		}
 		prev, finished = nil, true
@@ -133,18 +133,21 @@ func (p *Poller) step(ctx context.Context) (n int, healthy bool, err error) {
 	}
 	healthy = err == nil && prev == nil && (cur == nil || finished)
 	if prev != nil {
-		ferr := p.finish(ctx, prev, true)
-		healthy = err == nil && ferr == nil
+		// Healthy only once a mark committed: one that went to the
+		// background proves nothing until it is joined.
+		marked, ferr := p.finish(ctx, prev, true)
+		healthy = err == nil && ferr == nil && marked
 		err = firstErr(ferr, err)
 	}
 	if cur == nil {
 		// Nothing in flight: nor is a mark left running.
-		jerr := p.joinMark()
-		return 0, healthy && jerr == nil, firstErr(err, jerr)
+		joined, jerr := p.joinMark()
+		return 0, (healthy || joined) && err == nil && jerr == nil, firstErr(err, jerr)
 	}
 	if err != nil {
 		// Finish what was sent before backing off.
-		return len(cur.rows), false, firstErr(err, p.finish(ctx, cur, false))
+		_, ferr := p.finish(ctx, cur, false)
+		return len(cur.rows), false, firstErr(err, ferr)
 	}
 	p.inflight = cur
 	return len(cur.rows), healthy, nil
@@ -177,9 +180,11 @@ func (p *Poller) drain(ctx context.Context) error {
 	b := p.inflight
 	p.inflight = nil
 	if b == nil {
-		return p.joinMark()
+		_, err := p.joinMark()
+		return err
 	}
-	return p.finish(ctx, b, false)
+	_, err := p.finish(ctx, b, false)
+	return err
 }
 
 // start claims a batch and sends its rows, except rows of entities in skip.
@@ -225,7 +230,8 @@ func (p *Poller) start(ctx context.Context, skip map[string]bool, ahead *batch) 
 // claimed the batch is finished even if ctx is cancelled, so a stopping
 // publisher marks what JetStream acknowledged. It returns the batch's
 // outage, or the mark's error, or the error of the mark that ran in the
-// background before it.
+// background before it; and whether a mark committed meanwhile (b's, or
+// the one before it).
 //
 // With background set, a batch whose every row was acked (the common case
 // under load) is marked on another goroutine, while the loop claims and
@@ -236,7 +242,7 @@ func (p *Poller) start(ctx context.Context, skip map[string]bool, ahead *batch) 
 // rows as sent by this publisher (start), as they do the batch in flight.
 // A batch with a refusal or an outage is marked in the loop, so that the
 // claims after it see the refusals recorded.
-func (p *Poller) finish(ctx context.Context, b *batch, background bool) error {
+func (p *Poller) finish(ctx context.Context, b *batch, background bool) (marked bool, err error) {
 	bctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.cfg.AckTimeout+markGrace)
 	acked := p.collect(bctx, b)
 	if b.outage != nil {
@@ -245,58 +251,61 @@ func (p *Poller) finish(ctx context.Context, b *batch, background bool) error {
 	if b.next != nil {
 		b.next.behind = b.unstored
 	}
-	err := p.joinMark()
+	marked, err = p.joinMark()
 	m, merr := p.markJob(bctx, b.tx, acked, b.refused)
 	if merr != nil {
 		cancel()
 		b.tx.Rollback() //nolint:errcheck
-		return firstErr(err, merr)
+		return marked, firstErr(err, merr)
 	}
 	if background && err == nil && b.outage == nil && len(b.refused) == 0 {
-		done := make(chan error, 1)
+		pm := &pendingMark{b: b, acked: acked, done: make(chan error, 1)}
 		go func() {
 			defer cancel()
-			done <- m.run(bctx)
+			err := m.run(bctx)
+			pm.at = time.Now() // read after done, which orders it
+			pm.done <- err
 		}()
-		p.marking = &pendingMark{b: b, acked: acked, done: done}
-		return nil
+		p.marking = pm
+		return marked, nil
 	}
 	defer cancel()
 	if merr := m.run(bctx); merr != nil {
-		return firstErr(err, merr)
+		return marked, firstErr(err, merr)
 	}
-	p.marked(b, len(acked))
-	return firstErr(err, b.outage)
+	p.marked(b, len(acked), time.Now())
+	return true, firstErr(err, b.outage)
 }
 
 // pendingMark is the mark of a batch running in the background: see
 // finish.
 type pendingMark struct {
 	b     *batch
-	acked []int64 // seqs
+	acked []int64   // seqs
+	at    time.Time // when the mark ended; set before done is sent on
 	done  chan error
 }
 
 // joinMark waits for the mark running in the background, if any, and
-// returns its error.
-func (p *Poller) joinMark() error {
+// returns whether one committed, or its error.
+func (p *Poller) joinMark() (joined bool, err error) {
 	m := p.marking
 	if m == nil {
-		return nil
+		return false, nil
 	}
 	p.marking = nil
 	if err := <-m.done; err != nil {
-		return err
+		return false, err
 	}
-	p.marked(m.b, len(m.acked))
-	return nil
+	p.marked(m.b, len(m.acked), m.at)
+	return true, nil
 }
 
-// marked counts and logs a batch whose mark committed, acked of its rows
-// published.
-func (p *Poller) marked(b *batch, acked int) {
+// marked counts and logs a batch whose mark committed at at, acked of its
+// rows published.
+func (p *Poller) marked(b *batch, acked int, at time.Time) {
 	p.batches.Add(1)
-	p.cfg.Metrics.batch(len(b.rows), acked, b.started)
+	p.cfg.Metrics.batch(len(b.rows), acked, at.Sub(b.started))
 	p.published.Add(int64(acked))
 	p.refused.Add(int64(len(b.refused)))
 	for _, r := range b.refused {
