@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"io"
 	"log/slog"
-	"net/url"
 	"strconv"
 	"testing"
 	"time"
@@ -84,25 +83,14 @@ func TestFailedMarkSendsItsRowsAgainInOrder(t *testing.T) {
 func TestLastingMarkErrorUnderLoadIsReported(t *testing.T) {
 	t.Parallel()
 	b := setup(t)
-	role := "outbox_pub_" + testenv.Suffix()
-	b.db.MustExec(`CREATE ROLE ` + role + ` LOGIN`)
-	t.Cleanup(func() {
-		b.db.MustExec(`DROP OWNED BY ` + role)
-		b.db.MustExec(`DROP ROLE ` + role)
-	})
-	b.db.MustExec(`GRANT USAGE ON SCHEMA ` + b.db.Schema + ` TO ` + role)
-	b.db.MustExec(`GRANT SELECT, UPDATE ON events TO ` + role)
-	b.db.MustExec(`GRANT SELECT ON events_control TO ` + role)
-	u, err := url.Parse(b.db.DSN)
-	require.NoError(t, err)
-	u.User = url.User(role)
-	db, err := sql.Open("postgres", u.String())
+	role, dsn := leastPrivilegeRole(t, b)
+	db, err := sql.Open("postgres", dsn)
 	require.NoError(t, err)
 	t.Cleanup(func() { db.Close() })
 
 	cfg := fastConfig()
 	cfg.BatchSize = 10 // a backlog of many batches: the loop pipelines
-	cfg.DB, cfg.DSN = db, u.String()
+	cfg.DB, cfg.DSN = db, dsn
 	p := b.start(t, cfg)
 	subject := b.prefix + ".order.changed"
 	b.write(t, changes(subject, 1, 1)...)

@@ -23,22 +23,10 @@ func TestPublisherRunsWithTheLeastPrivilegeRole(t *testing.T) {
 		t.Run("partitions "+strconv.Itoa(partitions), func(t *testing.T) {
 			t.Parallel()
 			b := setup(t)
-			role := "outbox_pub_" + testenv.Suffix()
-			b.db.MustExec(`CREATE ROLE ` + role + ` LOGIN`)
-			t.Cleanup(func() {
-				b.db.MustExec(`DROP OWNED BY ` + role)
-				b.db.MustExec(`DROP ROLE ` + role)
-			})
-			b.db.MustExec(`GRANT USAGE ON SCHEMA ` + b.db.Schema + ` TO ` + role)
-			b.db.MustExec(`GRANT SELECT, UPDATE ON events TO ` + role)
-			b.db.MustExec(`GRANT SELECT ON events_control TO ` + role)
+			role, dsn := leastPrivilegeRole(t, b)
 			if partitions > 0 {
 				b.db.MustExec(`GRANT SELECT, INSERT, UPDATE, DELETE ON events_leases, events_replicas TO ` + role)
 			}
-			u, err := url.Parse(b.db.DSN)
-			require.NoError(t, err)
-			u.User = url.User(role)
-			dsn := u.String()
 			db, err := sqlx.Open("postgres", dsn)
 			require.NoError(t, err)
 			t.Cleanup(func() { db.Close() })
@@ -56,4 +44,25 @@ func TestPublisherRunsWithTheLeastPrivilegeRole(t *testing.T) {
 			requireOnceInOrder(t, b.received(t), len(events))
 		})
 	}
+}
+
+// leastPrivilegeRole makes a login role with what OPERATIONS.md names as
+// enough for a single publisher (USAGE on the schema, SELECT and UPDATE on
+// the events table, SELECT on its control table), dropped with the test,
+// and returns it with a DSN that connects as it.
+func leastPrivilegeRole(t *testing.T, b *bundle) (role, dsn string) {
+	t.Helper()
+	role = "outbox_pub_" + testenv.Suffix()
+	b.db.MustExec(`CREATE ROLE ` + role + ` LOGIN`)
+	t.Cleanup(func() {
+		b.db.MustExec(`DROP OWNED BY ` + role)
+		b.db.MustExec(`DROP ROLE ` + role)
+	})
+	b.db.MustExec(`GRANT USAGE ON SCHEMA ` + b.db.Schema + ` TO ` + role)
+	b.db.MustExec(`GRANT SELECT, UPDATE ON events TO ` + role)
+	b.db.MustExec(`GRANT SELECT ON events_control TO ` + role)
+	u, err := url.Parse(b.db.DSN)
+	require.NoError(t, err)
+	u.User = url.User(role)
+	return role, u.String()
 }
